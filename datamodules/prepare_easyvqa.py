@@ -3,8 +3,8 @@
     python datamodules/prepare_easyvqa.py --output-dir data/easyvqa
 
 Writes ``train.jsonl``, ``test.jsonl`` and ``images/{train,test}/<image id>.png`` (the package's
-PNG files, copied byte for byte). Image paths in the jsonl are relative to ``images/``, so pass
-``--images-dir <output-dir>/images`` to the clustering and split scripts.
+PNG files, copied byte for byte). Image paths in the jsonl (``images/train/0.png``) are relative
+to the output directory, so pass ``--images-dir <output-dir>`` to the clustering and split scripts.
 
 - train: one record per image, one multi-turn conversation holding all of that image's questions
   in the package's order, with `<image>` in the first human turn.
@@ -50,7 +50,9 @@ def question_type(answer: str) -> str:
     raise ValueError(f"{answer!r} is not an easy-VQA answer; expected one of {easy_vqa.get_answers()}.")
 
 
-def _group_by_image(texts: list[str], answers: list[str], image_ids: list[int]) -> dict[int, list[tuple[str, str]]]:
+def _group_by_image(
+    texts: list[str], answers: list[str], image_ids: list[int]
+) -> dict[int, list[tuple[str, str]]]:
     grouped: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for text, answer, image_id in zip(texts, answers, image_ids, strict=True):
         grouped[image_id].append((text, answer))
@@ -69,7 +71,11 @@ def train_records(max_images: int | None = None) -> list[dict[str, Any]]:
             conversations.append({"from": "human", "value": prompt})
             conversations.append({"from": "gpt", "value": answer})
         records.append(
-            {"id": f"easyvqa-train-{image_id}", "image": f"train/{image_id}.png", "conversations": conversations}
+            {
+                "id": f"easyvqa-train-{image_id}",
+                "image": f"images/train/{image_id}.png",
+                "conversations": conversations,
+            }
         )
     return records
 
@@ -90,7 +96,7 @@ def test_records(max_images: int | None = None) -> list[dict[str, Any]]:
             {
                 "id": f"easyvqa-test-{index}",
                 "question_id": str(index),
-                "image": f"test/{image_id}.png",
+                "image": f"images/test/{image_id}.png",
                 "conversations": [
                     {"from": "human", "value": f"<image>\n{text}"},
                     {"from": "gpt", "value": answer},
@@ -113,27 +119,28 @@ def _write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> None:
     os.replace(partial, path)
 
 
-def _copy_images(records: list[dict[str, Any]], sources: dict[int, str], images_dir: Path) -> int:
+def _copy_images(records: list[dict[str, Any]], sources: dict[int, str], output_dir: Path) -> int:
     copied = 0
     for relative in sorted({record["image"] for record in records}):
         image_id = int(Path(relative).stem)
-        target = images_dir / relative
+        target = output_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sources[image_id], target)
         copied += 1
     return copied
 
 
-def prepare(output_dir: str | Path, max_train_images: int | None = None, max_test_images: int | None = None) -> dict[str, Any]:
+def prepare(
+    output_dir: str | Path, max_train_images: int | None = None, max_test_images: int | None = None
+) -> dict[str, Any]:
     """Write the easy-VQA jsonl files and images to `output_dir`; return counts of what was written."""
     output_dir = Path(output_dir)
-    images_dir = output_dir / "images"
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train = train_records(max_train_images)
     test = test_records(max_test_images)
-    train_images = _copy_images(train, easy_vqa.get_train_image_paths(), images_dir)
-    test_images = _copy_images(test, easy_vqa.get_test_image_paths(), images_dir)
+    train_images = _copy_images(train, easy_vqa.get_train_image_paths(), output_dir)
+    test_images = _copy_images(test, easy_vqa.get_test_image_paths(), output_dir)
     _write_jsonl(train, output_dir / "train.jsonl")
     _write_jsonl(test, output_dir / "test.jsonl")
     return {
@@ -154,8 +161,12 @@ def _positive_or_none(value: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True, type=Path, help="directory for the jsonl files and images/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output-dir", required=True, type=Path, help="directory for the jsonl files and images/"
+    )
     parser.add_argument(
         "--max-train-images",
         type=_positive_or_none,

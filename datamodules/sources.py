@@ -250,7 +250,9 @@ def load_meta(meta_path: str | Path) -> list[DatasetEntry]:
     meta_path = Path(meta_path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or not meta:
-        raise ValueError(f"{meta_path} must hold a non-empty JSON object of datasets, got {type(meta).__name__}.")
+        raise ValueError(
+            f"{meta_path} must hold a non-empty JSON object of datasets, got {type(meta).__name__}."
+        )
     problems = []
     entries = []
     for name, spec in meta.items():
