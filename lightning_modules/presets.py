@@ -248,6 +248,8 @@ def build_model_config(name: str, tokenizer: PreTrainedTokenizerFast | None = No
         image_size=preset.image_size,
         patch_size=preset.patch_size,
         norm_type="layer_norm",
+        # InternViT-300M has a bias on its fused qkv projection (`qkv_bias: true`) and no QK norm.
+        attention_bias=True,
         use_qk_norm=False,
         layer_norm_eps=1e-6,
         layer_scale_init_value=0.1,
