@@ -37,7 +37,13 @@ from transformers import (
 
 from lightning_modules.metrics import build_metric
 from lightning_modules.predictions import records_from_batch, write_predictions
-from lightning_modules.presets import IM_END, build_model_config, check_image_seq_length, image_seq_length_of
+from lightning_modules.presets import (
+    IM_END,
+    PRESETS,
+    build_model_config,
+    check_image_seq_length,
+    image_seq_length_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +424,8 @@ def _validate_options(
         problems.append(
             f"give exactly one of model_name_or_path ({model_name_or_path!r}) and preset ({preset!r})"
         )
+    if preset is not None and preset not in PRESETS:
+        problems.append(f"unknown preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
     if preset is not None and processor_name_or_path is None:
         problems.append(
             f"preset {preset!r} needs processor_name_or_path (HINT: build one with "
