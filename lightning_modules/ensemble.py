@@ -9,7 +9,7 @@ sample's CLIP image feature. Two modes:
 - ``soft``: every step decodes from the mixture ``sum_k w_k p_k(x_t | x_<t)`` with
   ``w = softmax(T * route_scores)``, optionally kept to the ``top_k`` largest weights. All
   experts read the same sequence, each with its own KV cache. ``T`` can be fitted on held-out
-  sequences by the mixture log-likelihood (``fit_temperature``).
+  sequences by the mixture log-likelihood (``fit_temperature_on``).
 
 Run it with ``python cli.py validate --config configs/ensemble.yaml`` (or ``test``). It logs one
 score per benchmark for the whole ensemble and for each expert's routed subset, the route counts
@@ -107,11 +107,13 @@ class RoutedEnsemble(LightningModule):
         temperature: T of the soft weights ``softmax(T * cos)``; T = 0 is the uniform mixture and a
             large T approaches top-1. Ignored in ``top1`` mode.
         top_k: in ``soft`` mode, keep only the k largest weights per sample; None keeps all.
-        fit_temperature: in ``soft`` mode, at the start of ``test``, pick T from
-            ``temperature_grid`` by the mixture log-likelihood of the datamodule's validation
-            sequences (held out from the test set), and use it for the test.
+        fit_temperature: in ``soft`` mode, before scoring, pick T from ``temperature_grid`` by
+            the mixture log-likelihood of held-out sequences: those of ``fit_dir``, or in ``test``
+            without ``fit_dir`` the datamodule's validation batches.
         temperature_grid: the candidate temperatures, each >= 0.
-        fit_batches: the maximum number of validation batches used by the temperature fit.
+        fit_dir: an evaluation split (``split_dataset.py`` output) of held-out questions with
+            answers, routed with the same clustering, for the temperature fit.
+        fit_batches: the maximum number of batches read by the temperature fit.
         fallback: ``fail`` rejects missing checkpoints; ``next_nearest`` answers their samples with
             the available expert whose route score is highest and counts the moved samples.
         route_by: ``expert`` takes the route stored in the batch; ``route_scores`` routes again by
@@ -132,6 +134,7 @@ class RoutedEnsemble(LightningModule):
         top_k: int | None = None,
         fit_temperature: bool = False,
         temperature_grid: tuple[float, ...] = DEFAULT_TEMPERATURE_GRID,
+        fit_dir: str | None = None,
         fit_batches: int = 8,
         fallback: Literal["fail", "next_nearest"] = "fail",
         route_by: Literal["expert", "route_scores"] = "expert",
@@ -433,7 +436,7 @@ class RoutedEnsemble(LightningModule):
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fit_temperature(
+    def fit_temperature_on(
         self, batches: Iterable[dict[str, Any]], max_batches: int | None = None
     ) -> TemperatureFit:
         """Pick T from ``temperature_grid`` by the mixture log-likelihood of held-out sequences and use it.
@@ -483,25 +486,65 @@ class RoutedEnsemble(LightningModule):
         return fit
 
     def on_validation_start(self) -> None:
-        if self.hparams.fit_temperature and self.hparams.mode == "soft" and not self.trainer.sanity_checking:
+        """Fit the soft-routing temperature on ``fit_dir`` when asked to."""
+        if not self._fits_temperature() or self.trainer.sanity_checking:
+            return
+        if self.hparams.fit_dir is None:
             raise RuntimeError(
-                "fit_temperature is on, but fitting T on the validation split and then scoring that split "
-                "would score the data the temperature was chosen on. HINT: run `cli.py test`, which fits on the "
-                "validation split and scores the test split, or set fit_temperature: false."
+                "fit_temperature is on without fit_dir, so T would be fitted on the validation split that is "
+                "then scored. HINT: set fit_dir to a held-out evaluation split, run `cli.py test` (which fits on "
+                "the validation split and scores the test split), or set fit_temperature: false."
             )
+        self._fit_and_broadcast(self._fit_dir_dataloader())
 
     def on_test_start(self) -> None:
-        """Fit the soft-routing temperature on the datamodule's validation batches when asked to."""
-        if not (self.hparams.fit_temperature and self.hparams.mode == "soft"):
+        """Fit the soft-routing temperature on ``fit_dir`` or the datamodule's validation batches."""
+        if not self._fits_temperature():
+            return
+        if self.hparams.fit_dir is not None:
+            self._fit_and_broadcast(self._fit_dir_dataloader())
             return
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             raise RuntimeError(
-                "fit_temperature needs a datamodule with a val_dataloader of held-out sequences."
+                "fit_temperature needs fit_dir or a datamodule with a val_dataloader of held-out sequences."
             )
-        fit = self.fit_temperature(datamodule.val_dataloader(), max_batches=self.hparams.fit_batches)
-        # Ranks may read different validation shards; all use rank 0's choice.
+        val_loader = datamodule.val_dataloader()
+        test_loader = self.trainer.test_dataloaders
+        test_datasets = [
+            loader.dataset for loader in (test_loader if isinstance(test_loader, list) else [test_loader])
+        ]
+        if any(getattr(val_loader, "dataset", None) is dataset for dataset in test_datasets):
+            raise RuntimeError(
+                f"fit_temperature: {type(datamodule).__name__} returns the same dataset for validation and test, "
+                "so T would be fitted on the test questions. HINT: set fit_dir to a held-out evaluation split."
+            )
+        self._fit_and_broadcast(val_loader)
+
+    def _fits_temperature(self) -> bool:
+        return bool(self.hparams.fit_temperature) and self.hparams.mode == "soft"
+
+    def _fit_and_broadcast(self, batches: Iterable[dict[str, Any]]) -> None:
+        fit = self.fit_temperature_on(batches, max_batches=self.hparams.fit_batches)
+        # Ranks may read different shards; all use rank 0's choice.
         self.temperature = float(self.trainer.strategy.broadcast(fit.temperature, src=0))
+
+    def _fit_dir_dataloader(self) -> Iterable[dict[str, Any]]:
+        """Return a DataLoader over the held-out split ``fit_dir``, encoded with the experts' processor."""
+        from datamodules.chat import ConversationEncoder
+        from datamodules.collate import EvalSampleEncoder
+        from datamodules.evaluation import EvalShardDataset
+
+        processor = self.expert(self.available_ids[0]).load_processor()
+        datamodule = self.trainer.datamodule
+        encoder = ConversationEncoder(
+            processor,
+            max_length=getattr(datamodule, "max_length", 8192),
+            system_message=getattr(datamodule, "system_message", None),
+        )
+        dataset = EvalShardDataset(self.hparams.fit_dir, EvalSampleEncoder(encoder, self.n_experts))
+        batch_size = getattr(datamodule, "batch_size", 8)
+        return dataset.dataloader(batch_size, num_workers=0, pad_token_id=processor.tokenizer.pad_token_id)
 
 
 def _metric_name(benchmark: str) -> str:

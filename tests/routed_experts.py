@@ -8,6 +8,7 @@ Both use the ``internvl-tiny`` preset and one processor. Building them takes a f
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,3 +195,53 @@ def build_routed_experts() -> RoutedExperts:
     )
     _CACHE["experts"] = experts
     return experts
+
+
+def make_eval_split(experts: RoutedExperts, routes: list[int], output_dir: Path, start: int = 0) -> Path:
+    """Write an evaluation split whose question i is routed to ``routes[i]``, with ``split_dataset.py``.
+
+    Each image's feature is its route's centroid plus small noise, given to the split through
+    ``--features``, so the real router decides the routes. Returns the split directory.
+    """
+    from clustering.split_dataset import main as split_main
+
+    source_dir = output_dir / "source"
+    images_dir = source_dir / "images"
+    images_dir.mkdir(parents=True)
+    rng = np.random.default_rng(start)
+    records, keys, features = [], [], []
+    for i, route in enumerate(routes):
+        index = start + i
+        name = f"{index:04d}.png"
+        _image(1000 + index).save(images_dir / name)
+        question = QUESTIONS[index % len(QUESTIONS)]
+        answer = EXPERT_ANSWERS[route]
+        records.append(
+            {
+                "id": index,
+                "image": name,
+                "conversations": _conversation(question, answer),
+                "question_id": f"q{index:03d}",
+                "question": question,
+                "gt_answers": [answer],
+                "benchmark": "easyvqa",
+            }
+        )
+        keys.append(name)
+        features.append(experts.centroids[route] + 0.05 * rng.standard_normal(experts.centroids.shape[1]))
+    (source_dir / "eval.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (source_dir / "keys.txt").write_text("".join(key + "\n" for key in keys))
+    np.save(source_dir / "features.npy", np.asarray(features, dtype=np.float32))
+    split_dir = output_dir / "split"
+    split_main(
+        [
+            "--input-jsonl", str(source_dir / "eval.jsonl"),
+            "--images-dir", str(images_dir),
+            "--clustering-results-dir", str(experts.clustering_dir),
+            "--output-dir", str(split_dir),
+            "--features", str(source_dir / "features.npy"),
+            "--keys", str(source_dir / "keys.txt"),
+            "--image-tokens", str(experts.encoder.image_seq_length),
+        ]
+    )  # fmt: skip
+    return split_dir

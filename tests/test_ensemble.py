@@ -10,9 +10,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from routed_experts import EXPERT_ANSWERS, RoutedExperts, build_routed_experts, make_eval_batch
+from routed_experts import (
+    EXPERT_ANSWERS,
+    RoutedExperts,
+    build_routed_experts,
+    make_eval_batch,
+    make_eval_split,
+)
 from torch.utils.data import DataLoader
 
+from datamodules.evaluation import EvalDataModule
 from lightning_modules.ensemble import RoutedEnsemble
 from lightning_modules.ensemble_routing import (
     fit_temperature,
@@ -227,7 +234,7 @@ def test_one_hot_mixture_equals_generate(experts: RoutedExperts, top1: RoutedEns
 
 def test_fit_temperature_on_expert_batches(experts: RoutedExperts, soft: RoutedEnsemble) -> None:
     held_out = [make_eval_batch(experts, [0, 1, 0], start=20), make_eval_batch(experts, [1, 1], start=30)]
-    fit = soft.fit_temperature(held_out)
+    fit = soft.fit_temperature_on(held_out)
     assert fit.n_sequences == 5
     assert fit.n_tokens > 5
     # The routes name the expert that was trained on each answer, so sharp weights win. Beyond
@@ -343,7 +350,7 @@ def test_validate_rejects_temperature_fit(experts: RoutedExperts, tmp_path: Path
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     loader = DataLoader(_BatchList([make_eval_batch(experts, ROUTES)]), batch_size=None)
-    with pytest.raises(RuntimeError, match="fitting T on the validation split"):
+    with pytest.raises(RuntimeError, match="without fit_dir, so T would be fitted on the validation split"):
         trainer.validate(ensemble, loader)
 
 
@@ -380,3 +387,59 @@ def test_exported_directory_without_config_is_missing(experts: RoutedExperts, tm
     shutil.copytree(experts.processor_dir, empty)
     with pytest.raises(ValueError, match="expert checkpoints not found"):
         RoutedEnsemble([str(experts.checkpoints[0]), str(empty)], str(experts.clustering_dir))
+
+
+def test_eval_datamodule_split_and_fit_dir(experts: RoutedExperts, tmp_path: Path) -> None:
+    # A real evaluation split routed by the router, read by the real EvalDataModule.
+    eval_dir = make_eval_split(experts, ROUTES, tmp_path / "eval")
+    fit_dir = make_eval_split(experts, [1, 0, 1, 0], tmp_path / "held-out", start=50)
+    datamodule = EvalDataModule(
+        eval_dir=str(eval_dir),
+        processor=str(experts.processor_dir),
+        batch_size=4,
+        num_workers=0,
+        max_length=256,
+    )
+    ensemble = RoutedEnsemble(
+        [str(p) for p in experts.checkpoints],
+        str(experts.clustering_dir),
+        mode="soft",
+        temperature=0.0,
+        fit_temperature=True,
+        temperature_grid=(0.0, 500.0),
+        fit_dir=str(fit_dir),
+        predictions_dir=str(tmp_path / "predictions"),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (metrics,) = trainer.validate(ensemble, datamodule=datamodule)
+    assert ensemble.temperature_fit.n_sequences == 4
+    assert metrics["val/temperature"] == 500.0
+    assert metrics["val/easyvqa/exact_match"] == pytest.approx(1.0)
+    assert metrics["val/route_count/expert_0"] == 2
+    assert metrics["val/route_count/expert_1"] == 3
+    records = read_predictions(tmp_path / "predictions" / "val-ensemble-soft.jsonl")
+    assert {r["question_id"]: r["routed_expert"] for r in records} == {
+        f"q{i:03d}": route for i, route in enumerate(ROUTES)
+    }
+
+
+def test_test_rejects_fit_on_test_questions(experts: RoutedExperts, tmp_path: Path) -> None:
+    # EvalDataModule serves one split for validation and test, so fitting on it would leak.
+    eval_dir = make_eval_split(experts, ROUTES[:2], tmp_path / "eval")
+    datamodule = EvalDataModule(
+        eval_dir=str(eval_dir),
+        processor=str(experts.processor_dir),
+        batch_size=2,
+        num_workers=0,
+        max_length=256,
+    )
+    ensemble = RoutedEnsemble(
+        [str(p) for p in experts.checkpoints], str(experts.clustering_dir), mode="soft", fit_temperature=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.raises(RuntimeError, match="same dataset for validation and test"):
+        trainer.test(ensemble, datamodule=datamodule)
