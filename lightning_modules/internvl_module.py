@@ -26,6 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -318,15 +319,25 @@ class InternVLExpert(LightningModule):
         # Under FSDP every rank must run the same number of forward passes, because each one all-gathers
         # parameters; `synced_gpus` keeps finished ranks stepping until all ranks are done.
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        sequences = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=batch["prompt_attention_mask"],
-            pixel_values=batch.get("pixel_values"),
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            synced_gpus=synced,
-        )
+        # transformers 5 computes the image features in `generate` before the first forward, outside
+        # the root module's FSDP2 hooks, so the root's parameters (vision embeddings, projector) are
+        # gathered here by hand.
+        root_sharded = isinstance(self.model, FSDPModule)
+        if root_sharded:
+            self.model.unshard()
+        try:
+            sequences = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=batch["prompt_attention_mask"],
+                pixel_values=batch.get("pixel_values"),
+                max_new_tokens=self.hparams.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                synced_gpus=synced,
+            )
+        finally:
+            if root_sharded:
+                self.model.reshard()
         new_tokens = sequences[:, prompt_ids.shape[1] :]  # (B, generated)
         texts = self.load_processor().tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]

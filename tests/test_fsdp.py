@@ -1,0 +1,141 @@
+"""FSDP2 through Lightning's ModelParallelStrategy on 2 CPU processes (gloo): train, save sharded, resume."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Lightning launches the second rank by re-running this script with LOCAL_RANK set, so the training
+# code has to live in a file of its own.
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_modules.internvl_module import InternVLExpert
+
+    torch.set_num_threads(1)
+    work_dir, run, processor_dir = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    stop_at = int(sys.argv[4])
+    batch = torch.load(work_dir / "batch.pt", weights_only=False)
+
+
+    class RepeatedBatch(Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            return batch
+
+
+    class Record(Callback):
+        def __init__(self):
+            self.losses = []
+            self.start_step = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.start_step = trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+            if trainer.global_step == stop_at:
+                trainer.should_stop = True  # simulate a run that is interrupted here
+
+
+    seed_everything(0)
+    expert = InternVLExpert(
+        preset="internvl-tiny",
+        processor_name_or_path=processor_dir,
+        learning_rate=3e-3,
+        warmup_ratio=0.25,
+        max_new_tokens=3,
+    )
+    record = Record()
+    checkpoint_dir = work_dir / run / "checkpoints"
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=8,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=work_dir / run,
+        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=4), record],
+    )
+    resume_from = sys.argv[5] if len(sys.argv) > 5 else None
+    trainer.fit(expert, DataLoader(RepeatedBatch(), batch_size=None), ckpt_path=resume_from)
+
+    weight = expert.model.model.language_model.layers[0].mlp.up_proj.weight
+    answers = expert.generate_answers(batch)
+    if trainer.is_global_zero:
+        result = {
+            "start_step": record.start_step,
+            "losses": record.losses,
+            "global_step": trainer.global_step,
+            "is_dtensor": isinstance(weight, DTensor),
+            "local_rows": weight.to_local().shape[0],
+            "full_rows": weight.shape[0],
+            "answers": answers,
+        }
+        (work_dir / f"{run}.json").write_text(json.dumps(result))
+    """
+)
+
+
+def run_training(work_dir: Path, run: str, processor_dir: Path, stop_at: int, resume_from: Path | None = None) -> dict:
+    script = work_dir / "train_fsdp.py"
+    script.write_text(TRAIN_SCRIPT)
+    command = [sys.executable, str(script), str(work_dir), run, str(processor_dir), str(stop_at)]
+    if resume_from is not None:
+        command.append(str(resume_from))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    completed = subprocess.run(command, env=env, cwd=work_dir, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads((work_dir / f"{run}.json").read_text())
+
+
+@pytest.mark.slow
+def test_fsdp2_train_save_resume(tiny_internvl_processor_dir, tiny_internvl_batch, tmp_path):
+    torch.save(tiny_internvl_batch, tmp_path / "batch.pt")
+
+    # An interrupted run stops after step 4, where ModelCheckpoint saved a sharded checkpoint.
+    interrupted = run_training(tmp_path, "interrupted", tiny_internvl_processor_dir, stop_at=4)
+    assert interrupted["global_step"] == 4
+    assert interrupted["is_dtensor"]
+    assert interrupted["full_rows"] == 2 * interrupted["local_rows"]  # each rank holds half of each weight
+    assert interrupted["losses"][-1] < interrupted["losses"][0]
+    assert len(interrupted["answers"]) == 8
+
+    last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    assert last.is_dir()
+    assert {path.name for path in last.iterdir()} >= {"__0_0.distcp", "__1_0.distcp", "meta.pt"}
+
+    # Resuming continues at step 4 and reproduces the uninterrupted run's losses for steps 5-8, which
+    # needs the same weights, AdamW moments and scheduler position.
+    resumed = run_training(tmp_path, "resumed", tiny_internvl_processor_dir, stop_at=-1, resume_from=last)
+    uninterrupted = run_training(tmp_path, "uninterrupted", tiny_internvl_processor_dir, stop_at=-1)
+    assert resumed["start_step"] == 4
+    assert resumed["global_step"] == 8
+    assert len(resumed["losses"]) == 4
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"][4:], rel=1e-4)
+    assert interrupted["losses"] == pytest.approx(uninterrupted["losses"][:4], rel=1e-4)
+    assert resumed["answers"] == uninterrupted["answers"]
