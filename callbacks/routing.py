@@ -6,10 +6,10 @@ but prediction files in a shared experts directory::
     <experts_dir>/expert-<k>/predictions.jsonl   expert k's latest answers to the questions routed to it
     <experts_dir>/expert-<k>/status.json         {"expert", "global_step", "epoch", "n_predictions", "time"}
 
-At each validation the expert in training answers the evaluation questions routed to it,
-publishes them (written to a temporary file and renamed, so readers never see a partial file),
-reads the latest files of the other experts, and scores the union as the top-1 ensemble would
-answer it. Questions whose expert has published nothing yet have no answer: the score covers the
+At each validation the expert in training answers the evaluation questions routed to it and
+publishes them. The file is written under a temporary name and renamed, so readers never see a
+partial file. The callback then reads the latest files of the other experts and scores the union,
+which is what the top-1 ensemble would answer. Questions whose expert has published nothing yet have no answer: the score covers the
 answered questions only, and ``coverage`` says which share of the evaluation set that is.
 """
 
