@@ -132,6 +132,21 @@ def _is_not_none(sample: Any) -> bool:
     return sample is not None
 
 
+class SizedPipeline(wds.DataPipeline):
+    """A `DataPipeline` with a `__len__`, so Lightning knows the batches per epoch.
+
+    `DataPipeline.with_length` builds a class at run time, which cannot be pickled into
+    DataLoader workers started with the spawn method; this top-level class can.
+    """
+
+    def __init__(self, *stages: Any, length: int) -> None:
+        super().__init__(*stages)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class ExpertDataModule(L.LightningDataModule):
     """Training batches from one expert's shards, or from every expert's for the dense baseline.
 
@@ -326,7 +341,7 @@ class ExpertDataModule(L.LightningDataModule):
         weights = [shard["samples"] * shard["repeat_time"] for shard in shards]
         per_rank = self.batches_per_rank(world_size)
         per_worker = per_rank // max(1, self.num_workers)
-        pipeline = wds.DataPipeline(
+        pipeline = SizedPipeline(
             WeightedResampledShards(urls, weights, self.seed, rank, world_size),
             wds.tarfile_to_samples(handler=TarErrorHandler()),
             ShuffleBuffer(self.shuffle_buffer, self.seed, rank, world_size),
@@ -337,8 +352,9 @@ class ExpertDataModule(L.LightningDataModule):
                 collation_fn=TrainCollator(self.processor.tokenizer.pad_token_id),
                 partial=False,
             ),
+            length=per_rank,
         )
-        return pipeline.with_epoch(nbatches=per_worker).with_length(per_rank, silent=True)
+        return pipeline.with_epoch(nbatches=per_worker)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._world()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -514,3 +516,22 @@ def test_training_module_validates_on_routed_questions(
     module = _module(train_split, processor_dir, expert=0, val_dir=str(eval_split))
     ids = [qid for batch in module.val_dataloader() for qid in batch["question_id"]]
     assert ids == ["q0", "q2", "q4", "q6"]
+
+
+def test_train_pipeline_pickles_for_spawned_workers(train_split: Path, processor_dir: Path) -> None:
+    """DataLoader workers started with the spawn method receive the pipeline pickled."""
+    module = _module(train_split, processor_dir, expert=0, num_workers=2)
+    pipeline = module.build_train_pipeline(rank=1, world_size=2)
+
+    restored = pickle.loads(pickle.dumps(pipeline))
+
+    assert len(restored) == len(pipeline) == 4
+    assert len(list(iter(restored))) == 2  # in the main process one "worker" yields its share
+
+
+def test_world_comes_from_trainer(train_split: Path, processor_dir: Path) -> None:
+    module = _module(train_split, processor_dir, expert=0, num_workers=1)
+    module.trainer = SimpleNamespace(global_rank=1, world_size=3)
+
+    assert module._world() == (1, 3)
+    assert len(module.train_dataloader()) == module.batches_per_rank(world_size=3) == 2
