@@ -166,7 +166,12 @@ class InternVLExpert(LightningModule):
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
         model.generation_config.eos_token_id = _stop_token_ids(processor)
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.x renamed the method; `gradient_checkpointing_enable` is the 4.x name.
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def configure_model(self) -> None:
