@@ -80,7 +80,7 @@ def load_expert(path: str, expert_id: int, max_new_tokens: int | None = None) ->
         if trained_as is not None and trained_as != expert_id:
             rank_zero_warn(
                 f"Checkpoint {path} was trained as expert_id {trained_as} but sits at position {expert_id} of "
-                f"the ensemble, so it answers cluster {expert_id}. HINT: list `experts` in cluster order."
+                f"the ensemble, so it answers cluster {expert_id}. HINT: list `checkpoints` in cluster order."
             )
         expert.hparams.expert_id = expert_id
     else:
@@ -97,11 +97,11 @@ class RoutedEnsemble(LightningModule):
     """Evaluate K experts as one model, routing each sample by its CLIP feature's nearest centroid.
 
     Args:
-        experts: K checkpoints in cluster order: Lightning ``.ckpt`` files of ``InternVLExpert`` or
+        checkpoints: K expert checkpoints in cluster order: Lightning ``.ckpt`` files of ``InternVLExpert`` or
             exported ``save_pretrained`` directories with their processor. A path that does not
             exist is a missing expert (see ``fallback``).
         clustering_dir: the clustering results directory that routed the evaluation set; its
-            number of clusters must equal ``len(experts)``.
+            number of clusters must equal ``len(checkpoints)``.
         mode: ``top1`` answers each sample with its routed expert; ``soft`` mixes all experts'
             next-token distributions at every step.
         temperature: T of the soft weights ``softmax(T * cos)``; T = 0 is the uniform mixture and a
@@ -127,7 +127,7 @@ class RoutedEnsemble(LightningModule):
 
     def __init__(
         self,
-        experts: list[str],
+        checkpoints: list[str],
         clustering_dir: str,
         mode: Literal["top1", "soft"] = "top1",
         temperature: float = 20.0,
@@ -145,14 +145,14 @@ class RoutedEnsemble(LightningModule):
         self.save_hyperparameters()
         router = Router.from_dir(clustering_dir)
         self.n_experts = router.n_experts
-        self.available_ids = [k for k, path in enumerate(experts) if _checkpoint_exists(path)]
-        self.missing_ids = [k for k in range(len(experts)) if k not in self.available_ids]
+        self.available_ids = [k for k, path in enumerate(checkpoints) if _checkpoint_exists(path)]
+        self.missing_ids = [k for k in range(len(checkpoints)) if k not in self.available_ids]
         problems = self._validate_options(router)
         if problems:
             raise ValueError("Invalid RoutedEnsemble options:\n  - " + "\n  - ".join(problems))
         if self.missing_ids:
             rank_zero_warn(
-                f"Expert checkpoints {[experts[k] for k in self.missing_ids]} (experts {self.missing_ids}) are "
+                f"Expert checkpoints {[checkpoints[k] for k in self.missing_ids]} (experts {self.missing_ids}) are "
                 "missing; their samples go to the nearest available expert (fallback: next_nearest)."
             )
         self.temperature = float(temperature)
@@ -165,9 +165,9 @@ class RoutedEnsemble(LightningModule):
         """Return every problem of the constructor options."""
         hp = self.hparams
         problems = []
-        if len(hp.experts) != router.n_experts:
+        if len(hp.checkpoints) != router.n_experts:
             problems.append(
-                f"got {len(hp.experts)} expert checkpoints but {hp.clustering_dir} has {router.n_experts} "
+                f"got {len(hp.checkpoints)} expert checkpoints but {hp.clustering_dir} has {router.n_experts} "
                 "clusters; give one checkpoint per cluster, in cluster order"
             )
         if hp.mode not in MODES:
@@ -176,9 +176,9 @@ class RoutedEnsemble(LightningModule):
             problems.append(f"fallback must be one of {FALLBACKS}, got {hp.fallback!r}")
         if hp.route_by not in ROUTE_SOURCES:
             problems.append(f"route_by must be one of {ROUTE_SOURCES}, got {hp.route_by!r}")
-        if hp.top_k is not None and not 1 <= hp.top_k <= len(hp.experts):
+        if hp.top_k is not None and not 1 <= hp.top_k <= len(hp.checkpoints):
             problems.append(
-                f"top_k must be in [1, {len(hp.experts)}] (the number of experts), got {hp.top_k}"
+                f"top_k must be in [1, {len(hp.checkpoints)}] (the number of experts), got {hp.top_k}"
             )
         if not hp.temperature >= 0:
             problems.append(f"temperature must be >= 0, got {hp.temperature}")
@@ -191,9 +191,9 @@ class RoutedEnsemble(LightningModule):
         if hp.max_new_tokens is not None and hp.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {hp.max_new_tokens}")
         if not self.available_ids:
-            problems.append(f"none of the expert checkpoints exists: {hp.experts}")
+            problems.append(f"none of the expert checkpoints exists: {hp.checkpoints}")
         elif self.missing_ids and hp.fallback == "fail":
-            missing = ", ".join(f"expert {k}: {hp.experts[k]}" for k in self.missing_ids)
+            missing = ", ".join(f"expert {k}: {hp.checkpoints[k]}" for k in self.missing_ids)
             problems.append(
                 f"expert checkpoints not found ({missing}). HINT: fix the paths, or set fallback: next_nearest "
                 "to answer their samples with the nearest available expert"
@@ -210,9 +210,9 @@ class RoutedEnsemble(LightningModule):
             return
         loaded = []
         for k in self.available_ids:
-            loaded.append(load_expert(self.hparams.experts[k], k, self.hparams.max_new_tokens))
+            loaded.append(load_expert(self.hparams.checkpoints[k], k, self.hparams.max_new_tokens))
             self._slot[k] = len(loaded) - 1
-        _check_same_tokenizer(loaded, [self.hparams.experts[k] for k in self.available_ids])
+        _check_same_tokenizer(loaded, [self.hparams.checkpoints[k] for k in self.available_ids])
         self.experts = nn.ModuleList(loaded)
         rank_zero_info(
             f"Routed ensemble ({self.hparams.mode}): experts {self.available_ids} loaded"
@@ -294,7 +294,7 @@ class RoutedEnsemble(LightningModule):
             batch.get("pixel_values"),
             weights,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+            eos_token_id=_stop_token_ids(self.expert(self.available_ids[0]).model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
         )
         return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
@@ -545,6 +545,14 @@ class RoutedEnsemble(LightningModule):
         dataset = EvalShardDataset(self.hparams.fit_dir, EvalSampleEncoder(encoder, self.n_experts))
         batch_size = getattr(datamodule, "batch_size", 8)
         return dataset.dataloader(batch_size, num_workers=0, pad_token_id=processor.tokenizer.pad_token_id)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Return the ids that end an answer: the model's generation EOS ids, or ``<|im_end|>``."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return [tokenizer.convert_tokens_to_ids(IM_END)]
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def _metric_name(benchmark: str) -> str:

@@ -174,7 +174,7 @@ def mixture_greedy_decode(
     pixel_values: torch.Tensor | None,
     weights: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
 ) -> torch.Tensor:
     """Greedy decoding from the mixture ``p(x_t | x_<t) = sum_k w_k p_k(x_t | x_<t)``.
@@ -194,7 +194,8 @@ def mixture_greedy_decode(
         pixel_values: (T, 3, H, W) image tiles of the batch, or None.
         weights: (B, K) mixture weights; rows sum to 1.
         max_new_tokens: maximum tokens to generate.
-        eos_token_id: a row stops after producing it; later positions hold ``pad_token_id``.
+        eos_token_id: stop token id or ids; a row stops after producing one, and its later
+            positions hold ``pad_token_id``.
         pad_token_id: filler for finished rows.
 
     Returns:
@@ -205,6 +206,9 @@ def mixture_greedy_decode(
     if not active:
         raise ValueError("no expert has a positive weight for any row of the batch.")
     weights = weights.to(input_ids.device, torch.float32)
+    stop_ids = torch.as_tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
+    )
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, Lp)
     caches = {k: DynamicCache(config=models[k].config) for k in active}
 
@@ -229,7 +233,7 @@ def mixture_greedy_decode(
         next_tokens = mixture.argmax(dim=-1)  # (B,)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         generated.append(next_tokens)
-        finished |= next_tokens == eos_token_id
+        finished |= torch.isin(next_tokens, stop_ids)
         if bool(finished.all()):
             break
         step_input_ids = next_tokens[:, None]  # (B, 1)

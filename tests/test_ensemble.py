@@ -443,3 +443,37 @@ def test_test_rejects_fit_on_test_questions(experts: RoutedExperts, tmp_path: Pa
     )
     with pytest.raises(RuntimeError, match="same dataset for validation and test"):
         trainer.test(ensemble, datamodule=datamodule)
+
+
+@pytest.mark.parametrize("config", ["ensemble.yaml", "ensemble_soft.yaml"])
+def test_cli_validate_with_ensemble_config(experts: RoutedExperts, tmp_path: Path, config: str) -> None:
+    from cli import main as cli_main
+
+    eval_dir = make_eval_split(experts, ROUTES, tmp_path / "eval")
+    held_out = make_eval_split(experts, [0, 1], tmp_path / "held-out", start=60)
+    repo_root = Path(__file__).resolve().parents[1]
+    cli = cli_main(
+        [
+            "validate",
+            "--config", str(repo_root / "configs" / config),
+            "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32-true",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--model.checkpoints", json.dumps([str(p) for p in experts.checkpoints]),
+            "--model.clustering_dir", str(experts.clustering_dir),
+            "--model.max_new_tokens", "6",
+            *(["--model.fit_dir", str(held_out), "--model.temperature_grid", "[0.0, 500.0]"]
+              if config == "ensemble_soft.yaml" else []),
+            "--data.eval_dir", str(eval_dir),
+            "--data.processor", str(experts.processor_dir),
+            "--data.num_workers", "0",
+            "--data.max_length", "256",
+        ]
+    )  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert metrics["val/easyvqa/exact_match"].item() == pytest.approx(1.0)
+    assert metrics["val/route_count/expert_1"].item() == 3
+    mode = "top1" if config == "ensemble.yaml" else "soft"
+    predictions = Path(cli.trainer.log_dir) / "predictions" / f"val-ensemble-{mode}.jsonl"
+    assert [r["answer"] for r in read_predictions(predictions)] == [EXPERT_ANSWERS[k] for k in ROUTES]
