@@ -143,7 +143,7 @@ def test_top1_answers_match_experts_on_routed_subsets(experts: RoutedExperts, to
 
 
 def test_route_by_route_scores(experts: RoutedExperts) -> None:
-    # The stored route says expert 0 but the scores point at expert 1 for the last row.
+    # The stored route is expert 0 but the scores point at expert 1 for the last row.
     ensemble = RoutedEnsemble(
         [str(p) for p in experts.checkpoints], str(experts.clustering_dir), route_by="route_scores"
     )
@@ -316,7 +316,7 @@ def test_validate_logs_scores_and_writes_predictions(experts: RoutedExperts, tmp
         make_eval_batch(experts, ROUTES),
         make_eval_batch(experts, [1, 1, 0], benchmark="gqa", start=10),
     ]
-    # One wrong reference: q011 is routed to expert 1 ("red") but its reference says "circle".
+    # One wrong reference: q011 is routed to expert 1 ("red") but its reference is "circle".
     batches[1]["gt_answers"][1] = ["circle"]
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False

@@ -133,7 +133,7 @@ def test_callback_coverage_uses_manifest_total(
 ) -> None:
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
-    # The evaluation split holds 10 questions although this validation only sees 5.
+    # The evaluation split contains 10 questions although this validation only sees 5.
     manifest = {"n_experts": 2, "experts": [{"samples": 4, "shards": []}, {"samples": 6, "shards": []}]}
     (eval_dir / "manifest.json").write_text(json.dumps(manifest))
     callback = RoutingCallback(str(tmp_path / "experts"), eval_dir=str(eval_dir))
