@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lightning_modules.export import export_expert
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,6 +131,21 @@ def test_fsdp2_train_save_resume(tiny_internvl_processor_dir, tiny_internvl_batc
     last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
     assert last.is_dir()
     assert {path.name for path in last.iterdir()} >= {"__0_0.distcp", "__1_0.distcp", "meta.pt"}
+
+    # The sharded checkpoint exports to a transformers directory that answers as the sharded model did.
+    export_dir = export_expert(last, tmp_path / "export")
+    model = AutoModelForImageTextToText.from_pretrained(export_dir).eval()
+    tokenizer = AutoProcessor.from_pretrained(export_dir).tokenizer
+    with torch.no_grad():
+        tokens = model.generate(
+            input_ids=tiny_internvl_batch["prompt_input_ids"],
+            attention_mask=tiny_internvl_batch["prompt_attention_mask"],
+            pixel_values=tiny_internvl_batch["pixel_values"],
+            max_new_tokens=3,
+            do_sample=False,
+        )[:, tiny_internvl_batch["prompt_input_ids"].shape[1] :]
+    answers = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    assert answers == interrupted["answers"]
 
     # Resuming continues at step 4 and reproduces the uninterrupted run's losses for steps 5-8, which
     # needs the same weights, AdamW moments and scheduler position.
