@@ -43,6 +43,7 @@ from lightning_modules.ensemble_routing import (
     routing_weights,
     select_samples,
 )
+from lightning_modules.export import SHARDED_METADATA, load_trained_expert
 from lightning_modules.internvl_module import InternVLExpert, score_records
 from lightning_modules.metrics import build_metric
 from lightning_modules.predictions import records_from_batch, write_predictions
@@ -55,27 +56,37 @@ FALLBACKS = ("fail", "next_nearest")
 ROUTE_SOURCES = ("expert", "route_scores")
 
 
-def _checkpoint_exists(path: str) -> bool:
-    """True for an existing Lightning ``.ckpt`` file or a directory with a ``config.json``."""
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return True
+def _is_exported(candidate: Path) -> bool:
     return candidate.is_dir() and (candidate / "config.json").is_file()
+
+
+def _is_sharded(candidate: Path) -> bool:
+    return candidate.is_dir() and (candidate / SHARDED_METADATA).is_file()
+
+
+def _checkpoint_exists(path: str) -> bool:
+    """True for a ``.ckpt`` file, a sharded checkpoint directory or an exported directory."""
+    candidate = Path(path).expanduser()
+    return candidate.is_file() or _is_exported(candidate) or _is_sharded(candidate)
 
 
 def load_expert(path: str, expert_id: int, max_new_tokens: int | None = None) -> InternVLExpert:
     """Load one expert for evaluation, in eval mode on the CPU.
 
     Args:
-        path: a Lightning checkpoint of ``InternVLExpert`` (a ``.ckpt`` file, whose hyperparameters
-            name the model and processor it was built from) or a directory written by
-            ``save_pretrained`` that contains the model and its processor.
+        path: a Lightning checkpoint of ``InternVLExpert`` (a ``.ckpt`` file, or the sharded
+            directory that ``ModelParallelStrategy`` writes), whose hyperparameters name the model
+            and processor it was built from; or a ``save_pretrained`` directory that contains the
+            model and its processor.
         expert_id: the position of this expert in the ensemble, written into its predictions.
         max_new_tokens: overrides the checkpoint's generation length when given.
     """
     candidate = Path(path).expanduser()
-    if candidate.is_file():
-        expert = InternVLExpert.load_from_checkpoint(candidate, map_location="cpu")
+    if _is_exported(candidate):
+        expert = InternVLExpert(model_name_or_path=str(candidate), expert_id=expert_id)
+        expert.configure_model()
+    else:
+        expert = load_trained_expert(candidate)
         trained_as = expert.hparams.get("expert_id")
         if trained_as is not None and trained_as != expert_id:
             rank_zero_warn(
@@ -83,9 +94,6 @@ def load_expert(path: str, expert_id: int, max_new_tokens: int | None = None) ->
                 f"the ensemble, so it answers cluster {expert_id}. HINT: list `checkpoints` in cluster order."
             )
         expert.hparams.expert_id = expert_id
-    else:
-        expert = InternVLExpert(model_name_or_path=str(candidate), expert_id=expert_id)
-        expert.configure_model()
     if max_new_tokens is not None:
         expert.hparams.max_new_tokens = max_new_tokens
     expert.eval()
@@ -97,8 +105,9 @@ class RoutedEnsemble(LightningModule):
     """Evaluate K experts as one model, routing each sample by its CLIP feature's nearest centroid.
 
     Args:
-        checkpoints: K expert checkpoints in cluster order: Lightning ``.ckpt`` files of ``InternVLExpert`` or
-            exported ``save_pretrained`` directories with their processor. A path that does not
+        checkpoints: K expert checkpoints in cluster order: Lightning checkpoints of
+            ``InternVLExpert`` (``.ckpt`` files or sharded FSDP directories) or exported
+            ``save_pretrained`` directories with their processor. A path that does not
             exist is a missing expert (see ``fallback``).
         clustering_dir: the clustering results directory that routed the evaluation set; its
             number of clusters must equal ``len(checkpoints)``.

@@ -477,3 +477,18 @@ def test_cli_validate_with_ensemble_config(experts: RoutedExperts, tmp_path: Pat
     mode = "top1" if config == "ensemble.yaml" else "soft"
     predictions = Path(cli.trainer.log_dir) / "predictions" / f"val-ensemble-{mode}.jsonl"
     assert [r["answer"] for r in read_predictions(predictions)] == [EXPERT_ANSWERS[k] for k in ROUTES]
+
+
+def test_loads_sharded_checkpoint_directory(experts: RoutedExperts, tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    # The layout ModelParallelStrategy writes: tensors through torch.distributed.checkpoint plus meta.pt.
+    checkpoint = torch.load(experts.checkpoints[0], map_location="cpu", weights_only=False)
+    sharded = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=sharded, no_dist=True)
+    torch.save(checkpoint, sharded / "meta.pt")
+
+    ensemble = RoutedEnsemble([str(sharded), str(experts.checkpoints[1])], str(experts.clustering_dir))
+    ensemble.configure_model()
+    answers = ensemble.answer_batch(make_eval_batch(experts, ROUTES))[0]
+    assert answers == [EXPERT_ANSWERS[k] for k in ROUTES]
