@@ -10,7 +10,9 @@ At each validation the expert in training answers the evaluation questions route
 publishes them. The file is written under a temporary name and renamed, so readers never see a
 partial file. The callback then reads the latest files of the other experts and scores the union,
 which is what the top-1 ensemble would answer. Questions whose expert has published nothing yet have no answer: the score covers the
-answered questions only, and ``coverage`` says which share of the evaluation set that is.
+answered questions only, and ``coverage`` says which share of the evaluation set that is. Other
+experts are read from their prediction files only: loading their checkpoints would put a second
+model on the training device.
 """
 
 from __future__ import annotations
