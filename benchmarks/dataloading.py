@@ -1,0 +1,205 @@
+"""Training-data throughput: WebDataset shards against jsonl plus loose image files.
+
+    python benchmarks/dataloading.py --records 512 --workers 2
+
+Both loaders do the same work per sample: decode the image to RGB, resize and normalise it into
+one 448x448 tile with the InternVL image processor, render the chat template and tokenize with
+256 image tokens, then collate into training batches. The shard loader is `ExpertDataModule`
+(resampled shards, shuffle buffer); the baseline is a map-style Dataset over the jsonl records
+that opens each image file by path, shuffled by a DataLoader. The data are synthetic 448x448
+JPEG images (quality 90) with 1-3 question-answer turns, written to a temporary directory, so
+both loaders read from the page cache after the first pass.
+
+Prints one table row per loader: samples, seconds, samples/s and samples/s per worker, each the
+median of `--repeats` timed epochs after one untimed warm-up epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clustering import split_dataset
+from datamodules.chat import ConversationEncoder
+from datamodules.collate import TrainCollator, TrainSampleEncoder
+from datamodules.images import member_suffix
+from datamodules.splits import load_processor
+from datamodules.synthetic import write_synthetic_dataset
+from datamodules.training import ExpertDataModule
+
+PRESET = "internvl2_5-1b"  # 448 px tiles, 256 image tokens per tile
+
+
+class JsonlImageDataset(Dataset):
+    """The baseline: jsonl records in memory, each image read from its own file when indexed.
+
+    It builds the same raw sample (``json`` bytes and ``0.<ext>`` image bytes) that a shard
+    holds and hands it to the same `TrainSampleEncoder`, so only the storage differs.
+    """
+
+    def __init__(self, jsonl: Path, images_dir: Path, encoder: TrainSampleEncoder) -> None:
+        self.records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        self.images_dir = images_dir
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        member = f"0.{member_suffix(record['image'])}"
+        meta = {"conversations": record["conversations"], "images": [member]}
+        sample = {"json": json.dumps(meta).encode(), member: (self.images_dir / record["image"]).read_bytes()}
+        return self.encoder(sample)
+
+
+class SkipNoneCollator(TrainCollator):
+    """`TrainCollator` that drops samples the encoder skipped (None)."""
+
+    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        return super().__call__([sample for sample in samples if sample is not None])
+
+
+def time_epochs(loader: DataLoader, repeats: int) -> tuple[int, list[float]]:
+    """Iterate `loader` once untimed, then `repeats` timed epochs; return samples per epoch and seconds."""
+    for _ in loader:
+        pass
+    seconds = []
+    samples = 0
+    for _ in range(repeats):
+        samples = 0
+        start = time.perf_counter()
+        for batch in loader:
+            samples += batch["input_ids"].shape[0]
+        seconds.append(time.perf_counter() - start)
+    return samples, seconds
+
+
+def prepare(directory: Path, records: int) -> tuple[Any, Path, Path]:
+    """Write the synthetic dataset, its one-expert split and the 448 px processor."""
+    from lightning_modules.presets import build_small_processor, get_preset
+
+    data = write_synthetic_dataset(
+        directory / "data", n_records=records, n_experts=1, image_size=448, image_format="jpeg"
+    )
+    split_dir = directory / "split"
+    split_dataset.main(
+        [
+            "--input-jsonl",
+            str(data.jsonl),
+            "--images-dir",
+            str(data.images_dir),
+            "--clustering-results-dir",
+            str(data.clustering_dir),
+            "--output-dir",
+            str(split_dir),
+            "--features",
+            str(data.features),
+            "--keys",
+            str(data.keys),
+            "--shard-max-count",
+            "64",
+        ]
+    )
+    lines = data.jsonl.read_text().splitlines()
+    texts = [turn["value"] for line in lines for turn in json.loads(line)["conversations"]]
+    processor_dir = directory / "processor"
+    build_small_processor(texts, processor_dir, image_size=get_preset(PRESET).image_size, preset=PRESET)
+    return data, split_dir, processor_dir
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=512, help="synthetic records (one 448 px image each)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of each loader")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    parser.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=64,
+        help="samples in each shard worker's shuffle buffer; it refills at every epoch start",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per loader (after one warm-up)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="where to write the data (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as temporary:
+        directory = args.work_dir or Path(temporary)
+        data, split_dir, processor_dir = prepare(directory, args.records)
+        image_bytes = sum(path.stat().st_size for path in (data.images_dir / "images").iterdir())
+
+        module = ExpertDataModule(
+            train_dir=str(split_dir),
+            processor=str(processor_dir),
+            expert=0,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            max_length=4096,
+            shuffle_buffer=args.shuffle_buffer,
+            samples_per_epoch=args.records,
+        )
+        module.setup("fit")
+        shard_samples, shard_seconds = time_epochs(module.train_dataloader(), args.repeats)
+
+        processor = load_processor(processor_dir)
+        encoder = TrainSampleEncoder(ConversationEncoder(processor, max_length=4096))
+        baseline = DataLoader(
+            JsonlImageDataset(data.jsonl, data.images_dir, encoder),
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+            collate_fn=SkipNoneCollator(processor.tokenizer.pad_token_id),
+        )
+        jsonl_samples, jsonl_seconds = time_epochs(baseline, args.repeats)
+
+    rows = []
+    for name, samples, seconds in (
+        ("WebDataset shards (ExpertDataModule)", shard_samples, shard_seconds),
+        ("jsonl + loose image files", jsonl_samples, jsonl_seconds),
+    ):
+        median = statistics.median(seconds)
+        rate = samples / median
+        rows.append(
+            {
+                "loader": name,
+                "samples": samples,
+                "seconds": median,
+                "samples_per_s": rate,
+                "samples_per_s_per_worker": rate / max(1, args.workers),
+            }
+        )
+
+    print(
+        f"{args.records} records, 448x448 JPEG ({image_bytes / args.records / 1024:.0f} KiB mean), batch "
+        f"{args.batch_size}, {args.workers} workers, median of {args.repeats} epochs; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    )
+    print(f"| {'loader':<38} | samples | seconds | samples/s | samples/s per worker |")
+    print(f"| {'-' * 38} | ------: | ------: | --------: | -------------------: |")
+    for row in rows:
+        print(
+            f"| {row['loader']:<38} | {row['samples']:7d} | {row['seconds']:7.2f} | {row['samples_per_s']:9.1f} "
+            f"| {row['samples_per_s_per_worker']:20.1f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
