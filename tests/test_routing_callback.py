@@ -196,3 +196,30 @@ def test_callback_logs_to_tensorboard_during_fit(experts: RoutedExperts, tmp_pat
     (coverage,) = events.Scalars("val/ensemble/coverage")
     assert coverage.value == pytest.approx(3 / 5)
     assert (expert_dir(tmp_path / "experts", 1) / "predictions.jsonl").is_file()
+
+
+def test_callback_reads_datamodule_val_dir(
+    experts: RoutedExperts, expert0: InternVLExpert, tmp_path: Path
+) -> None:
+    class EvalData(L.LightningDataModule):
+        def __init__(self, val_dir: Path) -> None:
+            super().__init__()
+            self.val_dir = val_dir
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(_BatchList([make_eval_batch(experts, ROUTES)]), batch_size=None)
+
+    val_dir = tmp_path / "eval"
+    val_dir.mkdir()
+    manifest = {"n_experts": 2, "experts": [{"samples": 2, "shards": []}, {"samples": 6, "shards": []}]}
+    (val_dir / "manifest.json").write_text(json.dumps(manifest))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[RoutingCallback(str(tmp_path / "experts"))],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    (metrics,) = trainer.validate(expert0, datamodule=EvalData(val_dir))
+    assert metrics["val/ensemble/coverage"] == pytest.approx(2 / 8)
