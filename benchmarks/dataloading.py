@@ -2,9 +2,9 @@
 
     python benchmarks/dataloading.py --records 512 --workers 2
 
-Both loaders do the same work per sample: decode the image to RGB, resize and normalise it into
-one 448x448 tile with the InternVL image processor, render the chat template and tokenize with
-256 image tokens, then collate into training batches. The shard loader is `ExpertDataModule`
+Both loaders do the same work per sample. They decode the image to RGB, resize and normalise it
+into one 448x448 tile with the InternVL image processor, render the chat template, tokenize with
+256 image tokens and collate into training batches. The shard loader is `ExpertDataModule`
 (resampled shards, shuffle buffer); the baseline is a map-style Dataset over the jsonl records
 that opens each image file by path, shuffled by a DataLoader. The data are synthetic 448x448
 JPEG images (quality 90) with 1-3 question-answer turns, written to a temporary directory, so
@@ -44,7 +44,7 @@ class JsonlImageDataset(Dataset):
     """The baseline: jsonl records in memory, each image read from its own file when indexed.
 
     It builds the same raw sample (``json`` bytes and ``0.<ext>`` image bytes) that a shard
-    holds and hands it to the same `TrainSampleEncoder`, so only the storage differs.
+    contains and hands it to the same `TrainSampleEncoder`, so only the storage differs.
     """
 
     def __init__(self, jsonl: Path, images_dir: Path, encoder: TrainSampleEncoder) -> None:

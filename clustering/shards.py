@@ -7,8 +7,8 @@ Layout of an output directory::
     <out>/expert-<k>/shard-<nnnnnn>.tar     one sample per source record
     <out>/manifest.json                     counts per expert and dataset, every skipped record
 
-A sample holds ``<key>.json`` and its images as ``<key>.<i>.<ext>``, the bytes exactly as they were
-read from disk. The json holds the conversation, the record's source file and line, its dataset
+A sample contains ``<key>.json`` and its images as ``<key>.<i>.<ext>``, the bytes exactly as they were
+read from disk. The json contains the conversation, the record's source file and line, its dataset
 and repeat_time, and the route (``expert``, ``route_similarity``, ``route_scores``); evaluation
 records also carry ``question_id``, ``question``, ``gt_answers``, ``benchmark`` and
 ``question_type``. A record with several images is routed by its first image.
@@ -152,7 +152,7 @@ class ClipFeatures(FeatureSource):
 
 @dataclass
 class ShardInfo:
-    """One finished shard: its path relative to the output directory and what it holds."""
+    """One finished shard: its path relative to the output directory and its contents."""
 
     path: str
     samples: int
@@ -164,8 +164,8 @@ class ShardInfo:
 class RollingShardWriter:
     """Write one expert's samples into numbered shards, each under a temporary name until closed.
 
-    A new shard starts when the current one holds `max_count` samples, when the next sample
-    would take it past `max_size` bytes, or when the dataset changes, so that every shard holds
+    A new shard starts when the current one has `max_count` samples, when the next sample
+    would take it past `max_size` bytes, or when the dataset changes, so that every shard contains
     one dataset and the DataModule can weight shards by that dataset's repeat_time.
     """
 
@@ -248,9 +248,9 @@ class SplitOptions:
     """Options of one split; every field is written to the manifest under ``arguments``."""
 
     shard_max_count: int = 2000
-    """Most samples per shard."""
+    """Maximum samples per shard."""
     shard_max_size: int = 1 << 30
-    """Most bytes per shard (estimated from tar block sizes before writing)."""
+    """Maximum bytes per shard (estimated from tar block sizes before writing)."""
     on_error: str = "fail"
     """`fail` stops at the first unusable record, `skip` skips and counts it."""
     text_only: str = TEXT_ONLY_SKIP
@@ -379,7 +379,7 @@ def _sample_json(
 
 
 class _Splitter:
-    """Holds the writers and tallies of one split; `run` drives it over the records."""
+    """The writers and tallies of one split; `split_records` feeds it the records chunk by chunk."""
 
     def __init__(
         self,
@@ -495,7 +495,7 @@ def _clear_output(output_dir: Path, overwrite: bool) -> None:
     previous += sorted(output_dir.glob("expert-*"))
     if previous and not overwrite:
         raise FileExistsError(
-            f"{output_dir} already holds a split ({', '.join(p.name for p in previous[:3])}"
+            f"{output_dir} already contains a split ({', '.join(p.name for p in previous[:3])}"
             f"{', ...' if len(previous) > 3 else ''}). HINT: pass --overwrite to replace it, or choose "
             "another --output-dir."
         )
@@ -545,7 +545,7 @@ def split_records(
     Raises:
         SplitError: a record is unusable and ``options.on_error == "fail"``. Finished shards stay,
             the shard in progress is deleted and no manifest is written.
-        FileExistsError: `output_dir` holds an earlier split and `overwrite` is False.
+        FileExistsError: `output_dir` contains an earlier split and `overwrite` is False.
     """
     options = options or SplitOptions()
     options.validate(router.n_experts)

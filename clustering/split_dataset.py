@@ -10,8 +10,8 @@
 
 Each record is routed by the CLIP embedding of its first image to the expert that `Router` picks
 (the same code routes evaluation sets and inference). Embeddings come from ``--features`` and
-``--keys`` (from ``extract_features.py``; a key is the image path as written in the record) or,
-without them, from ``--clip-model`` on the fly.
+``--keys``, the outputs of ``extract_features.py`` whose keys are the image paths as written in
+the records. Without them, ``--clip-model`` embeds the images on the fly.
 
 Writes ``<output-dir>/expert-<k>/shard-<nnnnnn>.tar`` and ``<output-dir>/manifest.json``, which
 accounts for every input record: written to which expert, or skipped and why. Prints one line per
@@ -76,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keys", type=Path, help="keys.txt of extract_features.py, one key per row of --features"
     )
     parser.add_argument(
-        "--shard-max-count", type=int, default=2000, help="most samples per shard (default: 2000)"
+        "--shard-max-count", type=int, default=2000, help="maximum samples per shard (default: 2000)"
     )
     parser.add_argument(
         "--shard-max-size",
         type=int,
         default=1 << 30,
-        help="most bytes per shard, estimated from tar block sizes (default: 1073741824, 1 GiB)",
+        help="maximum bytes per shard, estimated from tar block sizes (default: 1073741824, 1 GiB)",
     )
     parser.add_argument(
         "--on-error",

@@ -1,7 +1,7 @@
 """Per-sample encoding of shard samples and their collation into the batch format.
 
-The batch keys and shapes are fixed in ``docs/architecture.md``: training batches hold
-``pixel_values``, ``input_ids``, ``attention_mask`` and ``labels``; evaluation batches add the
+The batch keys and shapes are fixed in ``docs/architecture.md``. Training batches contain
+``pixel_values``, ``input_ids``, ``attention_mask`` and ``labels``, and evaluation batches add the
 left-padded prompt, the question fields and the route. Encoders and collators are top-level
 classes so that DataLoader workers can pickle them.
 """
@@ -28,7 +28,7 @@ SKIP_TOO_LONG = "over max_length"
 class SkipCounter:
     """Counts skipped samples by reason and logs a warning at the 1st, 2nd, 4th, 8th, ... skip.
 
-    Each DataLoader worker holds its own copy, so the counts and warnings are per worker process.
+    Each DataLoader worker has its own copy, so the counts and warnings are per worker process.
     """
 
     def __init__(self, name: str) -> None:

@@ -117,7 +117,7 @@ class EvalDataModule(L.LightningDataModule):
         experts: only the questions routed to these experts; None keeps every question.
         batch_size: questions per batch.
         num_workers: DataLoader worker processes.
-        max_length: most tokens per sample; a question that does not fit raises, because a
+        max_length: maximum tokens per sample; a question that does not fit raises, because a
             skipped question would change the score.
         system_message: system turn for records that have none (use the training value).
         dynamic_tiles: InternVL dynamic resolution; off by default (one tile per image).

@@ -69,7 +69,7 @@ class RawRecord:
 
     `line` is the 1-based line number in a jsonl file, or the 1-based position in a json array.
     `data` is the decoded object, or None when the line is blank or not valid JSON, in which case
-    `error` holds the `RecordError` to report.
+    `error` contains the `RecordError` to report.
     """
 
     dataset: DatasetEntry
@@ -109,7 +109,7 @@ def iter_jsonl(dataset: DatasetEntry) -> Iterator[RawRecord]:
                 yield RawRecord(dataset, line_number, None, RecordError(REASON_MALFORMED, detail))
                 continue
             if not isinstance(data, dict):
-                detail = f"{dataset.annotation} line {line_number} holds a JSON {type(data).__name__}, not an object"
+                detail = f"{dataset.annotation} line {line_number} contains a JSON {type(data).__name__}, not an object"
                 yield RawRecord(dataset, line_number, None, RecordError(REASON_MALFORMED, detail))
                 continue
             yield RawRecord(dataset, line_number, data)
@@ -126,12 +126,12 @@ def iter_json_array(dataset: DatasetEntry) -> Iterator[RawRecord]:
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{dataset.annotation} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}). "
-            "HINT: a .json annotation must hold one array of records; use .jsonl for one record per line."
+            "HINT: a .json annotation must contain one array of records; use .jsonl for one record per line."
         ) from error
     if not isinstance(data, list):
         raise ValueError(
-            f"{dataset.annotation} holds a JSON {type(data).__name__}; a LLaVA-style .json annotation "
-            "must hold an array of records."
+            f"{dataset.annotation} contains a JSON {type(data).__name__}; a LLaVA-style .json annotation "
+            "must contain an array of records."
         )
     for position, item in enumerate(data, start=1):
         if not isinstance(item, dict):
@@ -251,7 +251,7 @@ def load_meta(meta_path: str | Path) -> list[DatasetEntry]:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or not meta:
         raise ValueError(
-            f"{meta_path} must hold a non-empty JSON object of datasets, got {type(meta).__name__}."
+            f"{meta_path} must contain a non-empty JSON object of datasets, got {type(meta).__name__}."
         )
     problems = []
     entries = []

@@ -1,4 +1,4 @@
-"""What the DataModules' `prepare_data` builds: a missing split, and the small preset's processor.
+"""Builders for the DataModules' `prepare_data`: a missing split and the small preset's processor.
 
 Both are built in one process, into a temporary directory beside the target, and renamed into
 place when complete, so a crash never leaves a half-built split or processor under the final name.
@@ -49,7 +49,7 @@ class SplitSource:
     keys: str | None = None
     """keys.txt of extract_features.py."""
     shard_max_count: int = 2000
-    """Most samples per shard."""
+    """Maximum samples per shard."""
     on_error: str = "fail"
     """`fail` or `skip` unusable records."""
     text_only: str = "skip"
@@ -76,7 +76,7 @@ class SplitSource:
 
 
 def is_split_complete(split_dir: str | Path) -> bool:
-    """Return True when `split_dir` holds a manifest, which is written last."""
+    """Return True when `split_dir` contains a manifest, which is written last."""
     return (Path(split_dir) / MANIFEST).is_file()
 
 
@@ -162,9 +162,9 @@ def ensure_small_processor(
 ) -> None:
     """Build and save the small preset's processor at `processor_dir` unless one is there already.
 
-    The tokenizer is trained on the text of the whole training set (all experts), read from the
-    source annotations when `source` is set and from the split's shards otherwise, so every
-    expert and the dense baseline get the same vocabulary and their outputs can be mixed.
+    The tokenizer is trained on the text of the whole training set (all experts). The text comes
+    from the source annotations when `source` is set and from the split's shards otherwise. Every
+    expert and the dense baseline thus get the same vocabulary, so their outputs can be mixed.
     """
     processor_dir = Path(processor_dir)
     if is_processor_dir(processor_dir):

@@ -47,7 +47,10 @@ def make_conversation(rng: np.random.Generator, turns: int) -> list[dict[str, st
         color = COLORS[int(rng.integers(len(COLORS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         question = f"is there a {color} {shape}?" if turn % 2 else f"what color is the {shape}?"
-        answer = ("yes" if rng.random() < 0.5 else "no") if turn % 2 else color
+        if turn % 2:
+            answer = "yes" if rng.random() < 0.5 else "no"
+        else:
+            answer = color
         conversation.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
         conversation.append({"from": "gpt", "value": answer})
     return conversation

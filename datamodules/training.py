@@ -48,9 +48,9 @@ def _worker_slot(rank: int, world_size: int) -> tuple[int, int, int]:
 class WeightedResampledShards(IterableDataset):
     """An endless stream of ``{"url": shard}`` drawn with replacement, shard i with weight w_i.
 
-    When there are at least as many shards as (rank, worker) slots, each slot draws only from
-    its own disjoint subset of shards (split by node and worker); otherwise every slot draws
-    from all shards. Either way each slot has its own random generator, seeded by `seed`, the
+    When there are at least as many shards as (rank, worker) slots, the shards are split by node
+    and worker: each slot draws only from its own disjoint subset. With fewer shards, every slot
+    draws from all of them. Either way each slot has its own random generator, seeded by `seed`, the
     slot and the epoch.
 
     Args:
@@ -133,7 +133,7 @@ def _is_not_none(sample: Any) -> bool:
 
 
 class SizedPipeline(wds.DataPipeline):
-    """A `DataPipeline` with a `__len__`, so Lightning knows the batches per epoch.
+    """A `DataPipeline` with a `__len__`, which gives Lightning the batches per epoch.
 
     `DataPipeline.with_length` builds a class at run time, which cannot be pickled into
     DataLoader workers started with the spawn method; this top-level class can.
@@ -157,7 +157,7 @@ class ExpertDataModule(L.LightningDataModule):
         expert: the expert whose shards to train on; None trains on all shards (dense baseline).
         batch_size: samples per batch on each rank.
         num_workers: DataLoader worker processes per rank (0 reads in the main process).
-        max_length: most tokens per sample; longer samples are cut after their last image token
+        max_length: maximum tokens per sample; longer samples are cut after their last image token
             if that leaves an answer token, and skipped otherwise.
         shuffle_buffer: samples held in the shuffle buffer of each worker.
         samples_per_epoch: samples per epoch over all ranks. None uses the selected shards'

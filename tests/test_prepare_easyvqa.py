@@ -40,14 +40,15 @@ def test_question_type_from_answer() -> None:
 
 
 def test_question_types_agree_with_questions() -> None:
-    """Every question of a type asks for that kind of answer, so typing by answer is exact."""
+    """Every question of a type requests that kind of answer, so typing by answer is exact."""
     texts, answers, _ = easy_vqa.get_test_questions()
     for text, answer in zip(texts, answers, strict=True):
         kind = prepare_easyvqa.question_type(answer)
         if kind == "color":
             assert "color" in text
         elif kind == "shape":
-            assert text.startswith("what") and "color" not in text
+            assert text.startswith("what")
+            assert "color" not in text
         else:
             assert not text.startswith("what")
 
