@@ -192,7 +192,11 @@ def apply_compute_matching(config: Any) -> tuple[ExpertBudget, int] | None:
     return budget, accumulate
 
 
-def main(args: Any = None) -> ExpertCLI:
+def main(args: Any = None, run: bool = True) -> ExpertCLI:
+    """Parse `args` (default: `sys.argv`), build the model, data and trainer, and run the subcommand.
+
+    With `run=False` there is no subcommand: the classes are built and returned without running.
+    """
     return ExpertCLI(
         model_class=None,
         datamodule_class=None,
@@ -201,6 +205,7 @@ def main(args: Any = None) -> ExpertCLI:
         trainer_defaults={"logger": DEFAULT_LOGGER},
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
