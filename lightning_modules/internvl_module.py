@@ -288,11 +288,16 @@ class InternVLExpert(LightningModule):
         # Validation inside `fit` is not training throughput: restart the clock after it.
         self._last_step_end = None
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Log `val/loss`; return `{"answers": [...]}` (B greedy answers) for batches with prompts.
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+        The returned answers let callbacks such as the routing callback reuse them without decoding again.
+        """
+        return self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Log `test/loss`; return `{"answers": [...]}` for batches with prompts."""
+        return self._evaluation_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
@@ -347,15 +352,19 @@ class InternVLExpert(LightningModule):
         texts = self.load_processor().tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
+    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         self._check_batch(batch, stage)
         batch_size = batch["input_ids"].shape[0]
+        outputs: dict[str, Any] = {}
         if "labels" in batch:
             loss = self(batch)
             self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
+            outputs["loss"] = loss
         if "prompt_input_ids" in batch:
             answers = self.generate_answers(batch)
             self._eval_records.extend(records_from_batch(batch, answers, [self.hparams.expert_id] * batch_size))
+            outputs["answers"] = answers
+        return outputs
 
     def _finish_evaluation(self, stage: str) -> None:
         """Gather the records of all ranks, log one score per benchmark and write the predictions."""
@@ -374,7 +383,8 @@ class InternVLExpert(LightningModule):
         scores = score_records(records)
         for benchmark, score in scores.items():
             # Every rank holds the same gathered records, so no further sync is needed.
-            self.log(f"{stage}/{benchmark}", score, on_step=False, on_epoch=True, sync_dist=False)
+            name = f"{stage}/{benchmark}/{build_metric(benchmark).metric_name}"
+            self.log(name, score, on_step=False, on_epoch=True, sync_dist=False)
         if self.trainer.sanity_checking:
             return
         if self.trainer.is_global_zero:

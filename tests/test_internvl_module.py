@@ -97,7 +97,7 @@ def test_validation_scores_and_writes_predictions(tiny_internvl_processor_dir, t
 
     answers = expert.generate_answers(tiny_internvl_batch)
     assert answers == [answers[0] for answers in tiny_internvl_batch["gt_answers"]]
-    assert metrics["val/easyvqa"] == 1.0
+    assert metrics["val/easyvqa/exact_match"] == 1.0
     assert metrics["val/loss"] < 1.0
 
     (path,) = predictions_dir.glob("val-expert1-step*.jsonl")
