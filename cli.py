@@ -5,7 +5,7 @@ On top of the stock LightningCLI this adds:
 - TensorBoard as the default logger (`runs/<name>/<version>`), and the config saved beside the logs.
 - A `ModelCheckpoint` that is always present (`--checkpoint.*`), saving `last.ckpt` by default.
 - `--ckpt_path last` resolved to the run's `last.ckpt` (a file, or a directory for sharded FSDP
-  checkpoints); an error names the directory searched when there is none yet.
+  checkpoints). When there is none yet, the error names the directory it searched.
 - Compute matching (`--matching.*`): given the dense run's steps S, its global batch B and the shard
   manifest, an expert's `trainer.max_steps` and `trainer.accumulate_grad_batches` are computed, printed
   and logged as hyperparameters (see `lightning_modules/compute_matching.py`).

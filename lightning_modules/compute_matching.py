@@ -2,8 +2,9 @@
 
 A dense model trains S optimiser steps at global batch B on all data. Expert k, which owns the share
 p_k = n_k / sum_j n_j of the training samples, trains round(p_k * K * S) steps at global batch B / K.
-Each expert then sees about p_k * S * B samples, its share of the dense run's samples, so the K experts
-together spend the dense run's compute (same model size, same tokens per sample on average).
+Each expert then draws about p_k * S * B samples, its share of the dense run's samples. The K experts
+together therefore spend the dense run's compute, assuming equal model sizes and the same average
+tokens per sample in every cluster.
 
 Run as a script from the repository root to print the table for a split:
 

@@ -67,7 +67,7 @@ def _load_sharded_state_dict(checkpoint: Path, expert: InternVLExpert) -> None:
     expected = set(expert.state_dict())
     loaded = set(state["state_dict"])
     if loaded != expected:
-        raise ValueError(f"{checkpoint} does not hold every model tensor; missing {sorted(expected - loaded)[:10]}.")
+        raise ValueError(f"{checkpoint} does not contain every model tensor; missing {sorted(expected - loaded)[:10]}.")
     expert.load_state_dict(state["state_dict"], strict=True)
 
 

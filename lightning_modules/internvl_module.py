@@ -1,7 +1,7 @@
 """`InternVLExpert`: one InternVL expert (or the dense baseline) as a LightningModule.
 
 The model is transformers' native `InternVLForConditionalGeneration`, built in `configure_model` so that
-a sharding strategy sees it before it is moved to the device. Under Lightning's `ModelParallelStrategy`
+a sharding strategy can wrap it before it is moved to the device. Under Lightning's `ModelParallelStrategy`
 every vision-encoder layer and every decoder layer becomes its own FSDP2 `fully_shard` unit, then the
 root module; under `FSDPStrategy` the strategy wraps the model with its own auto-wrap policy.
 
@@ -128,7 +128,7 @@ class InternVLExpert(LightningModule):
         """Load (once) and return the processor of this model."""
         if self.processor is None:
             path = self.hparams.processor_name_or_path or self.hparams.model_name_or_path
-            self.processor = _load_pretrained(AutoProcessor, path, what="processor")
+            self.processor = _load_pretrained(AutoProcessor, path, description="processor")
         return self.processor
 
     def build_model(self, load_weights: bool = True) -> InternVLForConditionalGeneration:
@@ -327,7 +327,7 @@ class InternVLExpert(LightningModule):
         """
         prompt_ids = batch["prompt_input_ids"]
         # Under FSDP every rank must run the same number of forward passes, because each one all-gathers
-        # parameters; `synced_gpus` keeps finished ranks stepping until all ranks are done.
+        # parameters. `synced_gpus` keeps finished ranks stepping until all ranks are done.
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         # transformers 5 computes the image features in `generate` before the first forward, outside
         # the root module's FSDP2 hooks, so the root's parameters (vision embeddings, projector) are
@@ -382,7 +382,7 @@ class InternVLExpert(LightningModule):
 
         scores = score_records(records)
         for benchmark, score in scores.items():
-            # Every rank holds the same gathered records, so no further sync is needed.
+            # Every rank has the same gathered records, so no further sync is needed.
             name = f"{stage}/{benchmark}/{build_metric(benchmark).metric_name}"
             self.log(name, score, on_step=False, on_epoch=True, sync_dist=False)
         if self.trainer.sanity_checking:
@@ -472,18 +472,18 @@ def _looks_like_local_path(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
 
 
-def _load_pretrained(auto_class: Any, name_or_path: str, what: str) -> Any:
+def _load_pretrained(auto_class: Any, name_or_path: str, description: str) -> Any:
     """Call `auto_class.from_pretrained(name_or_path)`, with errors that name the value and the fix."""
     if _looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(
-            f"The {what} path {name_or_path!r} does not exist. HINT: check the path, or give a Hugging Face id "
+            f"The {description} path {name_or_path!r} does not exist. HINT: check the path, or give a Hugging Face id "
             "such as OpenGVLab/InternVL3-1B-hf."
         )
     try:
         return auto_class.from_pretrained(name_or_path)
     except OSError as error:
         raise FileNotFoundError(
-            f"Could not load the {what} from {name_or_path!r}: it is not a local directory and could not be "
+            f"Could not load the {description} from {name_or_path!r}: it is not a local directory and could not be "
             f"fetched from the Hugging Face Hub ({error}). HINT: pass an existing directory, or a Hub id "
             "with network access (unset HF_HUB_OFFLINE)."
         ) from error
@@ -491,7 +491,7 @@ def _load_pretrained(auto_class: Any, name_or_path: str, what: str) -> Any:
 
 def _load_internvl_config(name_or_path: str) -> InternVLConfig:
     """Load a checkpoint's config and check that it is an HF-native InternVL model."""
-    config = _load_pretrained(AutoConfig, name_or_path, what="checkpoint config")
+    config = _load_pretrained(AutoConfig, name_or_path, description="checkpoint config")
     if isinstance(config, InternVLConfig):
         return config
     model_type = getattr(config, "model_type", type(config).__name__)
@@ -528,8 +528,8 @@ def _stop_token_ids(processor: ProcessorMixin) -> list[int]:
 def _fully_shard_layers(model: InternVLForConditionalGeneration, device_mesh: Any, precision: str) -> None:
     """Apply FSDP2 `fully_shard` to each vision and decoder layer, then to the root module.
 
-    Each layer is one all-gather unit, so at most one layer's full parameters (plus the root's embeddings,
-    projector and norms) are materialised at a time. With "bf16-mixed" the gathered parameters are cast
+    Each layer is one all-gather unit, so only a layer or two (the current one and the prefetched next
+    one) plus the root's embeddings, projector and norms are unsharded at a time. With "bf16-mixed" the gathered parameters are cast
     to bfloat16 and gradients are reduced in float32.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

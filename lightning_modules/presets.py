@@ -43,8 +43,8 @@ IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 
 # InternVL image tokens. The processor expands each `<IMG_CONTEXT>` in a prompt into
-# `<img>` + `<IMG_CONTEXT>` * image_seq_length * tiles + `</img>`; the model replaces the embeddings at
-# `<IMG_CONTEXT>` positions with the projected vision features.
+# `<img>` + `<IMG_CONTEXT>` * image_seq_length * tiles + `</img>`. The model then replaces the
+# embeddings at the `<IMG_CONTEXT>` positions with the projected vision features.
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -80,9 +80,9 @@ class InternVLImageTextProcessor(InternVLProcessor):
     """`InternVLProcessor` without the video processor.
 
     In transformers 5.25 `InternVLProcessor.__init__` requires a video processor, and every video
-    processor needs torchvision. This subclass drops that argument so the small preset's processor can be
-    built, saved and reloaded where torchvision is not installed; text and image processing are the
-    parent's. Real checkpoints keep their own `InternVLProcessor`.
+    processor needs torchvision. This subclass drops that argument, so the small preset's processor can be
+    built, saved and reloaded where torchvision is not installed. Text and image processing are the
+    parent's, and real checkpoints keep their own `InternVLProcessor`.
 
     `AutoProcessor.from_pretrained` finds this class by the `processor_class` name saved in
     `processor_config.json` once this module has been imported (it registers the class on import).
