@@ -135,13 +135,15 @@ def _strip_vqa_punctuation(text: str) -> str:
     A text with a comma between digits ("1,000") has every mark deleted, so numbers keep their
     digits together. Periods are deleted unless a digit follows.
     """
+    # Every decision looks at the input text, not at the text as earlier marks left it.
     has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
+    output = text
     for mark in _VQA_PUNCTUATION:
         if (mark + " " in text or " " + mark in text) or has_digit_comma:
-            text = text.replace(mark, "")
+            output = output.replace(mark, "")
         else:
-            text = text.replace(mark, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", text)
+            output = output.replace(mark, " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", output)
 
 
 def normalize_vqa_answer(answer: str) -> str:
