@@ -223,3 +223,26 @@ def test_callback_reads_datamodule_val_dir(
     )
     (metrics,) = trainer.validate(expert0, datamodule=EvalData(val_dir))
     assert metrics["val/ensemble/coverage"] == pytest.approx(2 / 8)
+
+
+def test_callback_decodes_without_step_outputs(experts: RoutedExperts, tmp_path: Path) -> None:
+    class SilentExpert(InternVLExpert):
+        """An expert whose validation_step returns nothing, so the callback decodes its rows itself."""
+
+        generate_calls = 0
+
+        def validation_step(self, batch: dict, batch_idx: int) -> None:
+            super().validation_step(batch, batch_idx)
+
+        def generate_answers(self, batch: dict) -> list[str]:
+            self.generate_calls += 1
+            return super().generate_answers(batch)
+
+    module = SilentExpert.load_from_checkpoint(experts.checkpoints[0], map_location="cpu")
+    experts_dir = tmp_path / "experts"
+    metrics = _validate(module, RoutingCallback(str(experts_dir)), experts, tmp_path)
+    # Two batches: validation_step decodes each once, and the callback decodes each batch's own rows.
+    assert module.generate_calls == 4
+    assert metrics["val/ensemble/exact_match"] == pytest.approx(1.0)
+    published = read_predictions(expert_dir(experts_dir, 0) / "predictions.jsonl")
+    assert [(r["question_id"], r["answer"]) for r in published] == [("q000", "circle"), ("q003", "circle")]
