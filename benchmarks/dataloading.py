@@ -11,7 +11,8 @@ JPEG images (quality 90) with 1-3 question-answer turns, written to a temporary 
 both loaders read from the page cache after the first pass.
 
 Prints one table row per loader: samples, seconds, samples/s and samples/s per worker, each the
-median of `--repeats` timed epochs after one untimed warm-up epoch.
+median of `--repeats` timed epochs after one untimed warm-up epoch. The two loaders take turns
+epoch by epoch, so changes in machine load affect both alike.
 """
 
 from __future__ import annotations
@@ -70,19 +71,29 @@ class SkipNoneCollator(TrainCollator):
         return super().__call__([sample for sample in samples if sample is not None])
 
 
-def time_epochs(loader: DataLoader, repeats: int) -> tuple[int, list[float]]:
-    """Iterate `loader` once untimed, then `repeats` timed epochs; return samples per epoch and seconds."""
-    for _ in loader:
-        pass
-    seconds = []
+def time_epoch(loader: DataLoader) -> tuple[int, float]:
+    """Iterate `loader` once; return the samples it yielded and the seconds it took."""
     samples = 0
+    start = time.perf_counter()
+    for batch in loader:
+        samples += batch["input_ids"].shape[0]
+    return samples, time.perf_counter() - start
+
+
+def time_interleaved(loaders: dict[str, DataLoader], repeats: int) -> dict[str, tuple[int, list[float]]]:
+    """Time `repeats` epochs of each loader after one untimed warm-up epoch each.
+
+    The loaders take turns epoch by epoch, so a change in machine load during the run affects
+    all of them alike. Returns, per loader, the samples per epoch and each epoch's seconds.
+    """
+    for loader in loaders.values():
+        time_epoch(loader)
+    results: dict[str, tuple[int, list[float]]] = {name: (0, []) for name in loaders}
     for _ in range(repeats):
-        samples = 0
-        start = time.perf_counter()
-        for batch in loader:
-            samples += batch["input_ids"].shape[0]
-        seconds.append(time.perf_counter() - start)
-    return samples, seconds
+        for name, loader in loaders.items():
+            samples, seconds = time_epoch(loader)
+            results[name] = (samples, results[name][1] + [seconds])
+    return results
 
 
 def prepare(directory: Path, records: int) -> tuple[Any, Path, Path]:
@@ -154,7 +165,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             samples_per_epoch=args.records,
         )
         module.setup("fit")
-        shard_samples, shard_seconds = time_epochs(module.train_dataloader(), args.repeats)
 
         processor = load_processor(processor_dir)
         encoder = TrainSampleEncoder(ConversationEncoder(processor, max_length=4096))
@@ -167,13 +177,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             persistent_workers=args.workers > 0,
             collate_fn=SkipNoneCollator(processor.tokenizer.pad_token_id),
         )
-        jsonl_samples, jsonl_seconds = time_epochs(baseline, args.repeats)
+        results = time_interleaved(
+            {
+                "WebDataset shards (ExpertDataModule)": module.train_dataloader(),
+                "jsonl + loose image files": baseline,
+            },
+            args.repeats,
+        )
 
     rows = []
-    for name, samples, seconds in (
-        ("WebDataset shards (ExpertDataModule)", shard_samples, shard_seconds),
-        ("jsonl + loose image files", jsonl_samples, jsonl_seconds),
-    ):
+    for name, (samples, seconds) in results.items():
         median = statistics.median(seconds)
         rate = samples / median
         rows.append(
