@@ -306,9 +306,14 @@ class InternVLExpert(LightningModule):
         self._finish_evaluation("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Return one prediction record per question of an evaluation batch."""
+        """Return one prediction record per question of an evaluation batch; the epoch end writes them all."""
         answers = self.generate_answers(batch)
-        return records_from_batch(batch, answers, [self.hparams.expert_id] * len(answers))
+        records = records_from_batch(batch, answers, [self.hparams.expert_id] * len(answers))
+        self._eval_records.extend(records)
+        return records
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish_evaluation("predict")
 
     # ------------------------------------------------------------------------------------------
     # Generation and evaluation
@@ -381,10 +386,12 @@ class InternVLExpert(LightningModule):
         records = sorted(unique.values(), key=lambda r: (r["benchmark"], r["question_id"]))
 
         scores = score_records(records)
-        for benchmark, score in scores.items():
-            # Every rank has the same gathered records, so no further sync is needed.
-            name = f"{stage}/{benchmark}/{build_metric(benchmark).metric_name}"
-            self.log(name, score, on_step=False, on_epoch=True, sync_dist=False)
+        # Lightning allows no `self.log` in prediction; its scores only go to the log line below.
+        if stage != "predict":
+            for benchmark, score in scores.items():
+                # Every rank has the same gathered records, so no further sync is needed.
+                name = f"{stage}/{benchmark}/{build_metric(benchmark).metric_name}"
+                self.log(name, score, on_step=False, on_epoch=True, sync_dist=False)
         if self.trainer.sanity_checking:
             return
         if self.trainer.is_global_zero:

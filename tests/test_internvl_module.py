@@ -243,3 +243,12 @@ def test_preset_config_matches_processor(tiny_internvl_processor_dir):
     assert expert.model.config.image_token_id == expected.image_token_id
     assert expert.model.config.text_config.vocab_size == len(tokenizer)
     assert json.loads(json.dumps(expert.hparams["train_parts"])) == ["vision", "projector", "llm"]
+
+
+def test_predict_writes_predictions(tiny_internvl_processor_dir, tiny_internvl_batch, tmp_path):
+    expert = make_expert(tiny_internvl_processor_dir, max_new_tokens=2, predictions_dir=str(tmp_path))
+    trainer = make_trainer(tmp_path, max_steps=1)
+    (records,) = trainer.predict(expert, loader(tiny_internvl_batch))
+    assert [record["question_id"] for record in records] == [f"q{i}" for i in range(8)]
+    written = read_predictions(tmp_path / "predict-expert0-step0000000.jsonl")
+    assert [record["answer"] for record in written] == [record["answer"] for record in records]
