@@ -65,6 +65,20 @@ def machine_summary() -> str:
     )
 
 
+def limit_threads(threads: int) -> None:
+    """Set torch's intra-op threads and the BLAS/OpenMP pools of numpy to `threads`; 0 changes nothing.
+
+    numpy's BLAS keeps its own pool: on a 2-core machine shared with other jobs, a (4, 512) x (512, 1024)
+    routing matmul took 40 ms with the default pool and 0.3 ms with one thread.
+    """
+    if threads <= 0:
+        return
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Peak memory
 

@@ -47,6 +47,7 @@ from benchmarks._common import (  # noqa: E402
     PeakRSS,
     ProcessTreeRSS,
     format_table,
+    limit_threads,
     machine_summary,
     median,
     parse_list,
@@ -173,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
     for name in ("images", "width", "height", "batch_size", "chunk_size", "rounds"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
-    if options.threads > 0:
-        torch.set_num_threads(options.threads)
+    limit_threads(options.threads)
     logging.getLogger("clustering").setLevel(logging.WARNING)
 
     print(f"Feature extraction benchmark. {machine_summary()}", flush=True)

@@ -6,6 +6,9 @@ The run is the expert recipe's training step on random weights: Lightning's
 per device per step, one 448x448 tile per sequence (256 image tokens). The sequences are random
 token ids around one image block, so no dataset or tokenizer download is needed.
 
+The recipe's other settings are those of `configs/expert_internvl2_5_1b.yaml`: gradient
+checkpointing on, gradient clipping at 1.0, SDPA attention, AdamW with the module's defaults.
+
 Reported: step time, tokens/s (per device and in all), model FLOPs utilisation (MFU) against the
 GPU's dense bf16 peak, and peak GPU memory. The script exits 0 with a message where CUDA is
 missing; `--accelerator cpu` runs the same code path with a small preset, only to check it.
@@ -27,6 +30,7 @@ attention all of them.
 Usage:
     python benchmarks/gpu_train.py                      # internvl2_5-1b, 1 GPU, seq 8192
     python benchmarks/gpu_train.py --devices 2 --steps 30
+    python benchmarks/gpu_train.py --no-gradient-checkpointing --json runs/gpu_train.json
 """
 
 from __future__ import annotations
@@ -271,6 +275,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         devices=options.devices,
         strategy=ModelParallelStrategy(data_parallel_size=options.devices, tensor_parallel_size=1),
         precision=options.precision,
+        gradient_clip_val=options.gradient_clip_val,
         max_steps=options.warmup + options.steps,
         logger=False,
         callbacks=[timer],
@@ -353,7 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="Timed optimiser steps.")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed optimiser steps first.")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: bf16-mixed or bf16-true.")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations in backward.")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Recompute each layer's activations in the backward pass (on in configs/expert_internvl2_5_1b.yaml).",
+    )
+    parser.add_argument(
+        "--gradient-clip-val", type=float, default=1.0, help="Gradient norm clipping (1.0 in the expert config)."
+    )
     parser.add_argument(
         "--attn-implementation", default="sdpa", help="transformers attention: sdpa, eager or flash_attention_2."
     )

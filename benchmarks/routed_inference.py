@@ -14,13 +14,21 @@ greedy decoding of up to `--max-new-tokens` tokens:
 - soft: `RoutedEnsemble.answer_batch` in soft mode, which decodes from the mixture of all K
   experts, each with its own KV cache.
 
-The table gives questions/s, top-1 / single (target: at least 0.9), soft / K single, the share of
-answers equal to the single expert's (all of them, because the experts share weights), and the
-peak resident memory of each mode. The modes alternate in order over `--rounds` rounds and the
-median round is reported.
+Two question orders are measured. `input` batches the questions in their input order, as the
+evaluation split is read, so every batch mixes the experts' questions and top-1 splits it into K
+smaller generations. `by-expert` sorts the questions by route first, so a batch holds one expert's
+questions except where two experts' runs meet.
+
+The table gives questions per second of wall time and per second of process CPU time, top-1 /
+single (target: at least 0.9) and soft / K single, the share of answers equal to the single
+expert's (all of them, because the experts share weights), and the peak resident memory of each
+mode, loading included. Every batch is answered by all modes in turn, in a rotating order, so that
+a change in machine load reaches all modes alike; the median of `--rounds` rounds is reported. On
+a shared machine the CPU-time figures are the steadier ones, because they leave out the time the
+process waited for a core.
 
 Usage:
-    python benchmarks/routed_inference.py --sizes tiny,40m --experts 2 --questions 64 --batch-size 16
+    python benchmarks/routed_inference.py --sizes tiny,40m --experts 2 --questions 32 --batch-size 16
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from benchmarks._common import (  # noqa: E402
     encode_samples,
     evaluation_batch,
     format_table,
+    limit_threads,
     machine_summary,
     median,
     parse_list,
@@ -59,6 +68,7 @@ from lightning_modules.ensemble import RoutedEnsemble, load_expert  # noqa: E402
 
 TARGET_TOP1_RATIO = 0.9
 FEATURE_DIM = 512  # CLIP ViT-B/16 image embeddings
+ORDERS = ("input", "by-expert")
 
 
 def write_two_stage_clustering(directory: Path, n_fine: int, n_experts: int, seed: int) -> np.ndarray:
@@ -103,20 +113,28 @@ class ModeTimes:
     cpu: list[float] = field(default_factory=list)
 
 
-def measure_size(size: str, options: argparse.Namespace, workdir: Path, processor: Any) -> list[list[Any]]:
-    """Measure the four modes on model `size`; return its table rows."""
-    checkpoint = build_checkpoint(size, processor, workdir / f"checkpoint-{size}", seed=options.seed)
+def measure_size(
+    size: str, order: str, checkpoint: Path, options: argparse.Namespace, workdir: Path, processor: Any
+) -> list[list[Any]]:
+    """Measure the four modes on the `size` model with the questions in `order`; return its table rows."""
     clustering_dir = workdir / "clusters"
     fine = write_two_stage_clustering(clustering_dir, options.fine_centroids, options.experts, options.seed)
     features = question_features(fine, options.questions, options.seed)
+    router = Router.from_dir(clustering_dir)
+    routes = router.route(features).experts
+    route_counts = np.bincount(routes, minlength=options.experts)
 
     encoder = ConversationEncoder(processor, max_length=512)
     samples = encode_samples(encoder, options.questions, seed=options.seed, n_experts=options.experts)
+    if order == "by-expert":
+        # What an evaluation loader that reads the questions expert by expert would batch: every batch but
+        # the ones at a boundary between experts holds one expert's questions.
+        permutation = np.argsort(routes, kind="stable")
+        samples = [samples[i] for i in permutation]
+        features = features[permutation]
     size_b = options.batch_size
     batches = [evaluation_batch(samples[i : i + size_b], encoder.pad_token_id) for i in range(0, len(samples), size_b)]
     batch_features = [features[i : i + size_b] for i in range(0, len(samples), size_b)]
-    router = Router.from_dir(clustering_dir)
-    route_counts = np.bincount(router.route(features).experts, minlength=options.experts)
 
     def single() -> Callable[[int], list[str]]:
         expert = load_expert(str(checkpoint), 0, options.max_new_tokens)
@@ -182,7 +200,7 @@ def measure_size(size: str, options: argparse.Namespace, workdir: Path, processo
                 if round_index == 0:
                     answers[mode].extend(batch_answers)
         summary = ", ".join(f"{mode} {options.questions / times[mode].wall[-1]:.2f}" for mode in names)
-        print(f"  {size} round {round_index + 1}/{options.rounds} questions/s: {summary}", flush=True)
+        print(f"  {size}, {order} order, round {round_index + 1}/{options.rounds} questions/s: {summary}", flush=True)
 
     wall_qps = {mode: options.questions / median(times[mode].wall) for mode in names}
     cpu_qps = {mode: options.questions / median(times[mode].cpu) for mode in names}
@@ -199,6 +217,7 @@ def measure_size(size: str, options: argparse.Namespace, workdir: Path, processo
     verdict = "meets" if top1 >= TARGET_TOP1_RATIO else "misses"
     routes = "/".join(str(int(count)) for count in route_counts)
     experts = options.experts
+    size = f"{size}, {order}"
     return [
         [size, "single", 1, wall_qps["single"], cpu_qps["single"], "", agreement("single"), memory["single"]],
         [
@@ -226,7 +245,7 @@ def measure_size(size: str, options: argparse.Namespace, workdir: Path, processo
 
 
 HEADERS = [
-    "model",
+    "model, question order",
     "mode",
     "experts loaded",
     "questions/s (wall)",
@@ -240,13 +259,19 @@ HEADERS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,40m", help="Comma-separated model sizes: tiny, 40m.")
+    parser.add_argument(
+        "--orders",
+        default="input,by-expert",
+        help="Question orders to batch in: input (random routes in every batch, as the evaluation split is read) "
+        "and by-expert (sorted by route first).",
+    )
     parser.add_argument("--experts", type=int, default=2, help="K, the number of experts.")
-    parser.add_argument("--questions", type=int, default=64, help="Evaluation questions per mode and round.")
+    parser.add_argument("--questions", type=int, default=32, help="Evaluation questions per mode and round.")
     parser.add_argument("--batch-size", type=int, default=16, help="Questions per evaluation batch.")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="Longest greedy answer, in tokens.")
     parser.add_argument("--fine-centroids", type=int, default=1024, help="Fine centroids of the two-stage router.")
     parser.add_argument("--temperature", type=float, default=20.0, help="T of the soft weights softmax(T * cos).")
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds over all modes, alternating their order.")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds over all modes, alternating their order.")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine; 0: torch's default)."
     )
@@ -258,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
     parser = build_parser()
     options = parser.parse_args(argv)
     sizes = parse_list(options.sizes)
+    orders = parse_list(options.orders)
+    unknown_orders = [order for order in orders if order not in ORDERS]
+    if unknown_orders or not orders:
+        parser.error(f"--orders must list some of {', '.join(ORDERS)}, got {options.orders!r}")
     try:
         check_model_sizes(sizes)
     except ValueError as error:
@@ -267,8 +296,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
     if options.fine_centroids < options.experts:
         parser.error(f"--fine-centroids ({options.fine_centroids}) must be >= --experts ({options.experts})")
-    if options.threads > 0:
-        torch.set_num_threads(options.threads)
+    limit_threads(options.threads)
 
     print(f"Routed inference benchmark. {machine_summary()}", flush=True)
     rows = []
@@ -276,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
         workdir = Path(tmp)
         processor = build_benchmark_processor(workdir / "processor")
         for size in sizes:
-            rows.extend(measure_size(size, options, workdir, processor))
+            checkpoint = build_checkpoint(size, processor, workdir / f"checkpoint-{size}", seed=options.seed)
+            for order in orders:
+                rows.extend(measure_size(size, order, checkpoint, options, workdir, processor))
     print()
     print(format_table(HEADERS, rows))
     return rows

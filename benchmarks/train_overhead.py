@@ -46,6 +46,7 @@ from benchmarks._common import (  # noqa: E402
     check_model_sizes,
     count_parameters,
     format_table,
+    limit_threads,
     machine_summary,
     median,
     parse_list,
@@ -261,8 +262,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
     if options.warmup < 1:
         parser.error(f"--warmup must be >= 1 (the first step has no previous step to time from), got {options.warmup}")
-    if options.threads > 0:
-        torch.set_num_threads(options.threads)
+    limit_threads(options.threads)
 
     print(f"Training overhead benchmark. {machine_summary()}", flush=True)
     rows = []
