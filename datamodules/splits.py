@@ -31,7 +31,7 @@ class SplitSource:
     """The inputs of `clustering/split_dataset.py`, for building a split inside `prepare_data`.
 
     Give either `input_jsonl` with `images_dir`, or `meta_path`. Embeddings come from `features`
-    and `keys` when both are set, else from `clip_model`.
+    and `feature_keys` when both are set, else from `clip_model`.
     """
 
     clustering_results_dir: str
@@ -46,8 +46,8 @@ class SplitSource:
     """CLIP checkpoint id or directory that embeds images when no features are given."""
     features: str | None = None
     """features.npy of extract_features.py."""
-    keys: str | None = None
-    """keys.txt of extract_features.py."""
+    feature_keys: str | None = None
+    """keys.txt of extract_features.py (one key per row of `features`)."""
     shard_max_count: int = 2000
     """Maximum samples per shard."""
     on_error: str = "fail"
@@ -105,7 +105,7 @@ def ensure_split(split_dir: str | Path, source: SplitSource | None) -> dict[str,
     options = SplitOptions(
         shard_max_count=source.shard_max_count, on_error=source.on_error, text_only=source.text_only
     )
-    features = make_feature_source(source.clip_model, source.features, source.keys)
+    features = make_feature_source(source.clip_model, source.features, source.feature_keys)
     staging = split_dir.with_name(f"{split_dir.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)

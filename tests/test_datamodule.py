@@ -391,7 +391,7 @@ def test_prepare_data_builds_split_and_processor(tmp_path: Path) -> None:
         input_jsonl=str(data.jsonl),
         images_dir=str(data.images_dir),
         features=str(data.features),
-        keys=str(data.keys),
+        feature_keys=str(data.keys),
         shard_max_count=2,
     )
     split = tmp_path / "runs" / "split"
