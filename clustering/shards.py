@@ -9,7 +9,7 @@ Layout of an output directory::
 
 A sample contains ``<key>.json`` and its images as ``<key>.<i>.<ext>``, the bytes exactly as they were
 read from disk. The json contains the conversation, the record's source file and line, its dataset
-and repeat_time, and the route (``expert``, ``route_similarity``, ``route_scores``); evaluation
+and repeat_time, and the route (``expert``, ``route_similarity``, ``route_scores``). Evaluation
 records also carry ``question_id``, ``question``, ``gt_answers``, ``benchmark`` and
 ``question_type``. A record with several images is routed by its first image.
 
@@ -165,8 +165,8 @@ class RollingShardWriter:
     """Write one expert's samples into numbered shards, each under a temporary name until closed.
 
     A new shard starts when the current one has `max_count` samples, when the next sample
-    would take it past `max_size` bytes, or when the dataset changes, so that every shard contains
-    one dataset and the DataModule can weight shards by that dataset's repeat_time.
+    would take it past `max_size` bytes, or when the dataset changes. Every shard thus contains
+    one dataset, so the DataModule can weight shards by that dataset's repeat_time.
     """
 
     def __init__(self, output_dir: Path, expert: int, max_count: int, max_size: int) -> None:
@@ -322,6 +322,8 @@ class _State:
 
 def _read_images(record: SourceRecord, decode_first: bool) -> tuple[list[bytes], Image.Image | None]:
     """Read every image's bytes and check that each one decodes; return the decoded first image."""
+    # NOTE: every image is decoded once here, in one process, so that unreadable images are caught
+    # at split time. On millions of images this decoding is the split's main cost.
     root = record.raw.dataset.root
     blobs = []
     first = None

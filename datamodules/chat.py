@@ -58,7 +58,7 @@ class ConversationEncoder:
         processor: the model's `InternVLProcessor`. Its tokenizer must be a fast tokenizer with
             the InternVL image tokens (`start_image_token`, `end_image_token`,
             `context_image_token`), and its image processor sets the tile size and normalisation.
-        max_length: the most tokens one sample may have, image tokens included.
+        max_length: the maximum number of tokens of one sample, image tokens included.
         system_message: system turn added to records that have none; None adds nothing.
         dynamic_tiles: split each image into up to `max_tiles` tiles plus a thumbnail (InternVL's
             dynamic resolution). Off by default: one tile per image.

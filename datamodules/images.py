@@ -11,8 +11,8 @@ from PIL import Image, ImageOps
 # suffix of its source path, and decoded by PIL from its content.
 KNOWN_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
-# Transparent pixels are composited onto white, which is how viewers show them; converting RGBA
-# straight to RGB would expose whatever colour the transparent pixels happen to hold.
+# Transparent pixels are composited onto white, which is how viewers show them. Converting RGBA
+# straight to RGB would expose whatever colour the transparent pixels happen to store.
 _BACKGROUND = (255, 255, 255)
 
 
