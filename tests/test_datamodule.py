@@ -536,3 +536,38 @@ def test_world_comes_from_trainer(train_split: Path, processor_dir: Path) -> Non
 
     assert module._world() == (1, 3)
     assert len(module.train_dataloader()) == module.batches_per_rank(world_size=3) == 2
+
+
+def test_multi_image_sample_gets_tokens_per_image(processor) -> None:
+    encoder = ConversationEncoder(processor, max_length=512)
+    images = [Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("L", (32, 48), 128).convert("RGB")]
+    conversation = [
+        {"from": "human", "value": "<image>\n<image>\nsame colour?"},
+        {"from": "gpt", "value": "no"},
+    ]
+
+    pixel_values, tiles = encoder.encode_images(images)
+    encoded = encoder.encode_text(conversation, tiles)
+
+    assert pixel_values.shape == (2, 3, 64, 64)
+    assert tiles == [1, 1]
+    tokenizer = processor.tokenizer
+    ids = encoded.input_ids.tolist()
+    assert ids.count(tokenizer.convert_tokens_to_ids("<img>")) == 2
+    assert ids.count(tokenizer.convert_tokens_to_ids("</img>")) == 2
+    assert ids.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == 2 * IMAGE_TOKENS
+    assert tokenizer.decode(encoded.input_ids[encoded.labels != IGNORE_INDEX]) == "no<|im_end|>"
+
+
+def test_dynamic_tiles_expand_image_tokens(processor) -> None:
+    encoder = ConversationEncoder(processor, max_length=2048, dynamic_tiles=True, max_tiles=4)
+    wide = Image.new("RGB", (256, 64), (0, 0, 255))
+
+    pixel_values, tiles = encoder.encode_images([wide])
+    encoded = encoder.encode_text(CONVERSATION[:2], tiles)
+
+    # A 4:1 image is cut into 4 tiles plus a thumbnail, as InternVL's dynamic resolution does.
+    assert tiles == [5]
+    assert pixel_values.shape == (5, 3, 64, 64)
+    context_id = processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert (encoded.input_ids == context_id).sum().item() == 5 * IMAGE_TOKENS
