@@ -29,6 +29,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,8 @@ class SplitOptions:
     """Image tokens per image for the manifest's token estimate (256 for a 448 px InternVL tile)."""
     chunk_size: int = 256
     """Records read, embedded and routed together."""
+    read_threads: int = 8
+    """Threads that read and decode a chunk's images (PIL releases the GIL while decoding)."""
 
     def validate(self, n_experts: int) -> None:
         """Raise `ValueError` listing every invalid option."""
@@ -280,6 +283,8 @@ class SplitOptions:
             problems.append(f"image_tokens must be >= 0, got {self.image_tokens}")
         if self.chunk_size < 1:
             problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.read_threads < 1:
+            problems.append(f"read_threads must be >= 1, got {self.read_threads}")
         if problems:
             raise ValueError("Invalid split options:\n  " + "\n  ".join(problems))
 
@@ -322,8 +327,8 @@ class _State:
 
 def _read_images(record: SourceRecord, decode_first: bool) -> tuple[list[bytes], Image.Image | None]:
     """Read every image's bytes and check that each one decodes; return the decoded first image."""
-    # NOTE: every image is decoded once here, in one process, so that unreadable images are caught
-    # at split time. On millions of images this decoding is the split's main cost.
+    # NOTE: every image is decoded once here, so that unreadable images are caught at split time.
+    # On millions of images this decoding is the split's main cost; `read_threads` spreads it.
     root = record.raw.dataset.root
     blobs = []
     first = None
@@ -401,6 +406,7 @@ class _Splitter:
         ]
         self.tallies = [_Tally() for _ in range(router.n_experts)]
         self.state = _State()
+        self.readers = ThreadPoolExecutor(max_workers=options.read_threads, thread_name_prefix="split-read")
 
     def skip(self, raw: RawRecord, error: RecordError, counts_as_error: bool = True) -> None:
         if counts_as_error and self.options.on_error == "fail":
@@ -436,30 +442,45 @@ class _Splitter:
         )
         self.state.per_dataset[record.raw.dataset.name].written += 1
 
+    def _read(self, record: SourceRecord) -> tuple[list[bytes], Image.Image | None] | RecordError:
+        try:
+            return _read_images(record, decode_first=self.features.needs_images)
+        except RecordError as error:
+            return error
+
     def process_chunk(self, raws: list[tuple[int, RawRecord]]) -> None:
-        routable: list[_Prepared] = []
+        parsed: list[tuple[int, RawRecord, SourceRecord | RecordError]] = []
         for index, raw in raws:
             self.state.total += 1
             self.state.per_dataset[raw.dataset.name].records += 1
             try:
-                record = parse_record(raw)
-                if not record.images:
-                    self.state.text_only += 1
-                    if self.text_only_expert is None:
-                        self.skip(
-                            raw,
-                            RecordError(REASON_TEXT_ONLY, "the record has no image"),
-                            counts_as_error=False,
-                        )
-                    else:
-                        scores = [OTHER_SCORE] * self.router.n_experts
-                        scores[self.text_only_expert] = TEXT_ONLY_SCORE
-                        self.write(_Prepared(record, index, [], None), self.text_only_expert, None, scores)
-                    continue
-                blobs, first = _read_images(record, decode_first=self.features.needs_images)
-                routable.append(_Prepared(record, index, blobs, first))
+                parsed.append((index, raw, parse_record(raw)))
             except RecordError as error:
-                self.skip(raw, error, counts_as_error=error.reason != REASON_BLANK)
+                parsed.append((index, raw, error))
+
+        # Read and decode the images in threads; results come back in input order.
+        with_images = [item for _, _, item in parsed if isinstance(item, SourceRecord) and item.images]
+        reads = iter(self.readers.map(self._read, with_images))
+
+        routable: list[_Prepared] = []
+        for index, raw, item in parsed:
+            if isinstance(item, RecordError):
+                self.skip(raw, item, counts_as_error=item.reason != REASON_BLANK)
+            elif not item.images:
+                self.state.text_only += 1
+                if self.text_only_expert is None:
+                    error = RecordError(REASON_TEXT_ONLY, "the record has no image")
+                    self.skip(raw, error, counts_as_error=False)
+                else:
+                    scores = [OTHER_SCORE] * self.router.n_experts
+                    scores[self.text_only_expert] = TEXT_ONLY_SCORE
+                    self.write(_Prepared(item, index, [], None), self.text_only_expert, None, scores)
+            else:
+                result = next(reads)
+                if isinstance(result, RecordError):
+                    self.skip(raw, result)
+                else:
+                    routable.append(_Prepared(item, index, *result))
         if not routable:
             return
 
@@ -483,10 +504,12 @@ class _Splitter:
             self.write(prepared, expert, float(scores[row, expert]), [float(s) for s in scores[row]])
 
     def close(self) -> None:
+        self.readers.shutdown()
         for writer in self.writers:
             writer.close()
 
     def abort(self) -> None:
+        self.readers.shutdown(cancel_futures=True)
         for writer in self.writers:
             writer.abort()
 

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=64, help="images per CLIP forward pass (default: 64)"
     )
     parser.add_argument(
+        "--read-threads",
+        type=int,
+        default=8,
+        help="threads that read and decode images to check them and to embed them (default: 8)",
+    )
+    parser.add_argument(
         "--device", default=None, help="device for CLIP (default: cuda when available, else cpu)"
     )
     parser.add_argument(
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             on_error=args.on_error,
             text_only=args.text_only,
             image_tokens=args.image_tokens,
+            read_threads=args.read_threads,
         )
         options.validate(router.n_experts)
         features = make_feature_source(
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arguments = {
             key: (str(value) if isinstance(value, Path) else value)
             for key, value in vars(args).items()
-            if key not in ("overwrite", "device")
+            if key not in ("overwrite", "device", "read_threads")
         }
         manifest = split_records(
             datasets, args.output_dir, router, features, options, args.overwrite, arguments, progress=True
