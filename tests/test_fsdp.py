@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -119,14 +120,25 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
+DIST_ENV = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_training(work_dir: Path, run: str, processor_dir: Path, stop_at: int, resume_from: Path | None = None) -> dict:
     script = work_dir / "train_fsdp.py"
     script.write_text(TRAIN_SCRIPT)
     command = [sys.executable, str(script), str(work_dir), run, str(processor_dir), str(stop_at)]
     if resume_from is not None:
         command.append(str(resume_from))
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
+    # Earlier distributed tests in this pytest process leave MASTER_PORT, RANK and the like in
+    # os.environ; inherited, they would point both ranks at a stale rendezvous.
+    env = {key: value for key, value in os.environ.items() if key not in DIST_ENV and not key.startswith("PL_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     completed = subprocess.run(command, env=env, cwd=work_dir, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads((work_dir / f"{run}.json").read_text())
