@@ -54,9 +54,11 @@ class ExpertCLI(LightningCLI):
         parser.add_class_arguments(ComputeMatching, "matching")
 
     def before_instantiate_classes(self) -> None:
-        """Apply compute matching to the trainer options before the trainer is built."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        self.matched_budget = apply_compute_matching(config)
+        """Apply compute matching to the trainer options of `fit` before the trainer is built."""
+        self.matched_budget = None
+        if self.subcommand in (None, "fit"):
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.matched_budget = apply_compute_matching(config)
 
     def before_fit(self) -> None:
         self._resolve_last_checkpoint("fit")

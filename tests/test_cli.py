@@ -66,7 +66,6 @@ def scalar_steps(log_dir: Path, tag: str) -> list[int]:
     return sorted(steps)
 
 
-@pytest.mark.slow
 def test_fit_logs_and_resumes(synthetic_split, tiny_internvl_processor_dir, tmp_path):
     runs = tmp_path / "runs"
     cli.main(["fit", *tiny_args(synthetic_split, tiny_internvl_processor_dir, runs, "--trainer.max_steps", "4")])

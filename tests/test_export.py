@@ -65,7 +65,7 @@ def test_export_reloads_and_decodes_same_tokens(trained_checkpoint, tiny_internv
     assert torch.equal(actual, expected)
     decoded = [text.strip() for text in processor.tokenizer.batch_decode(actual, skip_special_tokens=True)]
     assert decoded == expert.generate_answers(tiny_internvl_batch)
-    # 30 steps on the fixed batch are enough to answer it, so the decoded tokens are not noise.
+    # 30 steps on the fixed batch are enough to fit it, so the compared tokens are not noise.
     assert decoded == [answers[0] for answers in tiny_internvl_batch["gt_answers"]]
 
 

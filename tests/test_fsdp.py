@@ -152,7 +152,7 @@ def test_fsdp2_train_save_resume(tiny_internvl_processor_dir, tiny_internvl_batc
     interrupted = run_training(tmp_path, "interrupted", tiny_internvl_processor_dir, stop_at=4)
     assert interrupted["global_step"] == 4
     assert interrupted["is_dtensor"]
-    assert interrupted["full_rows"] == 2 * interrupted["local_rows"]  # each rank holds half of each weight
+    assert interrupted["full_rows"] == 2 * interrupted["local_rows"]  # each rank stores half of each weight
     assert interrupted["losses"][-1] < interrupted["losses"][0]
     assert len(interrupted["answers"]) == 8
 
@@ -160,7 +160,7 @@ def test_fsdp2_train_save_resume(tiny_internvl_processor_dir, tiny_internvl_batc
     assert last.is_dir()
     assert {path.name for path in last.iterdir()} >= {"__0_0.distcp", "__1_0.distcp", "meta.pt"}
 
-    # The sharded checkpoint exports to a transformers directory that answers as the sharded model did.
+    # The sharded checkpoint exports to a transformers directory that decodes what the sharded model decoded.
     export_dir = export_expert(last, tmp_path / "export")
     model = AutoModelForImageTextToText.from_pretrained(export_dir).eval()
     tokenizer = AutoProcessor.from_pretrained(export_dir).tokenizer
