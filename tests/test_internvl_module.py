@@ -252,3 +252,17 @@ def test_predict_writes_predictions(tiny_internvl_processor_dir, tiny_internvl_b
     assert [record["question_id"] for record in records] == [f"q{i}" for i in range(8)]
     written = read_predictions(tmp_path / "predict-expert0-step0000000.jsonl")
     assert [record["answer"] for record in written] == [record["answer"] for record in records]
+
+
+def test_native_checkpoint_loads_by_path(tiny_internvl_processor_dir, tmp_path):
+    source = make_expert(tiny_internvl_processor_dir)
+    source.configure_model()
+    source.model.save_pretrained(tmp_path / "native")
+    source.load_processor().save_pretrained(tmp_path / "native")
+
+    expert = InternVLExpert(model_name_or_path=str(tmp_path / "native"), gradient_checkpointing=True)
+    expert.configure_model()
+    assert expert.model.is_gradient_checkpointing
+    expected = source.model.state_dict()
+    for name, tensor in expert.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
