@@ -14,7 +14,6 @@ enforces.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 from collections.abc import Iterable
@@ -413,17 +412,3 @@ def build_small_processor(
     )
     return processor
 
-
-def describe_presets() -> str:
-    """Return a JSON summary of every preset (name, image size, image tokens, layer counts)."""
-    rows = {
-        name: {
-            "image_size": preset.image_size,
-            "image_seq_length": preset.image_seq_length,
-            "vision_layers": preset.vision_layers,
-            "text_layers": preset.text_layers,
-            "text_hidden_size": preset.text_hidden_size,
-        }
-        for name, preset in PRESETS.items()
-    }
-    return json.dumps(rows, indent=2)
