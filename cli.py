@@ -35,14 +35,17 @@ DEFAULT_LOGGER = {
 
 @dataclass
 class ComputeMatching:
-    """Compute-matched budget of an expert run; leave `manifest` unset to train with the trainer's own steps."""
+    """Compute-matched budget of an expert run; leave `manifest` unset to train with the trainer's own steps.
+
+    Args:
+        manifest: shard manifest (or its split directory) whose `experts[k].samples` give the shares p_k.
+        dense_steps: S, the optimiser steps of the dense baseline.
+        dense_global_batch: B, the dense baseline's samples per optimiser step over all devices.
+    """
 
     manifest: str | None = None
-    """Shard manifest (or its split directory) whose `experts[k].samples` give the shares p_k."""
     dense_steps: int | None = None
-    """S: optimiser steps of the dense baseline."""
     dense_global_batch: int | None = None
-    """B: samples per optimiser step of the dense baseline, over all devices."""
 
 
 class ExpertCLI(LightningCLI):
