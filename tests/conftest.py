@@ -9,6 +9,23 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Rendezvous variables that Lightning's spawn launchers write into os.environ and leave there.
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def fresh_distributed_env():
+    """Clear the rendezvous variables around each test.
+
+    A MASTER_PORT left by an earlier distributed test would make the next one bind the same port
+    and fail with EADDRINUSE; without it, Lightning picks a free port.
+    """
+    for key in DISTRIBUTED_ENV:
+        os.environ.pop(key, None)
+    yield
+    for key in DISTRIBUTED_ENV:
+        os.environ.pop(key, None)
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
