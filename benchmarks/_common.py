@@ -15,7 +15,6 @@ import platform
 import re
 import statistics
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,7 @@ class PeakRSS:
     On Linux, `reset()` writes 5 to /proc/self/clear_refs, which sets the kernel's high-water mark
     (VmHWM) back to the current RSS, and `read()` returns VmHWM. Elsewhere `reset()` does nothing and
     `read()` returns `ru_maxrss`, the peak since the process started, so the figures are then upper
-    bounds that include earlier work; `resettable` says which case applies.
+    bounds that include earlier work; `resettable` is True in the first case.
     """
 
     def __init__(self) -> None:
@@ -174,18 +173,6 @@ def median(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("no timings were recorded; raise the number of steps or batches.")
     return float(statistics.median(values))
-
-
-class Stopwatch:
-    """Wall-clock timer: `with Stopwatch() as watch: ...`, then `watch.seconds`."""
-
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.seconds = time.perf_counter() - self.start
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

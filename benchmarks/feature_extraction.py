@@ -17,7 +17,7 @@ work), the peak RSS of the main process and the peak summed RSS of the process t
 included). The variants alternate in order over `--rounds` rounds and the median round is reported.
 
 Usage:
-    python benchmarks/feature_extraction.py --clip-size vit-b-16 --images 128 --workers 0,1,2
+    python benchmarks/feature_extraction.py --clip-size vit-b-16 --images 64 --workers 0,1,2
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def run_script(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip-size", choices=sorted(CLIP_SIZES), default="vit-b-16", help="CLIP image tower shape.")
-    parser.add_argument("--images", type=int, default=64, help="Number of images.")
+    parser.add_argument("--images", type=int, default=32, help="Number of images.")
     parser.add_argument("--width", type=int, default=640, help="Image width in pixels.")
     parser.add_argument("--height", type=int, default=480, help="Image height in pixels.")
     parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass.")

@@ -1,9 +1,9 @@
 """GPU recipe throughput: `InternVLExpert` on the `internvl2_5-1b` preset under FSDP2.
 
-The run is the expert recipe's training step on random weights: Lightning's
-`ModelParallelStrategy` (each vision and decoder layer its own FSDP2 unit, see
-`InternVLExpert.configure_model`), bf16 mixed precision, one sequence of `--seq-len` tokens (8192)
-per device per step, one 448x448 tile per sequence (256 image tokens). The sequences are random
+The run is the expert recipe's training step on random weights. Lightning's
+`ModelParallelStrategy` makes each vision and decoder layer its own FSDP2 unit (see
+`InternVLExpert.configure_model`), in bf16 mixed precision. Every device trains on one sequence of
+`--seq-len` tokens (8192) per step, with one 448x448 tile (256 image tokens). The sequences are random
 token ids around one image block, so no dataset or tokenizer download is needed.
 
 The recipe's other settings are those of `configs/expert_internvl2_5_1b.yaml`: gradient
@@ -153,7 +153,7 @@ def training_flops(config: InternVLConfig, seq_len: int, tiles: int = 1) -> Trai
 def build_placeholder_processor(directory: Path, preset: str) -> Any:
     """Build an InternVL processor for `preset` offline, with the vocabulary size of its real tokenizer.
 
-    The tokenizer is the small preset's byte-level BPE (trained on a few words) whose vocabulary is
+    The tokenizer is the small preset's byte-level BPE, trained on a few words. Its vocabulary is
     padded with unreachable `<|placeholder_i|>` entries up to the preset's `default_vocab_size`
     (151674 for `internvl2_5-1b`), so the model built from it has the real embedding and LM-head
     shapes. Its text encodings are not Qwen2's, which does not matter for random token ids.
@@ -201,7 +201,7 @@ class RandomSequences(Dataset):
         self.image_tokens = image_tokens
         self.start_id = tokenizer.start_image_token_id
         self.end_id = tokenizer.end_image_token_id
-        # Text ids come from above every special token, so no sequence holds a stray image token.
+        # Text ids lie above every special token, so no sequence contains a stray image token.
         self.first_text_id = max(tokenizer.all_special_ids + [self.start_id, self.end_id, config.image_token_id]) + 1
 
     def __len__(self) -> int:
@@ -339,7 +339,7 @@ def print_result(result: dict[str, Any]) -> None:
     ]
     if "device_name" in result:
         mfu = result["mfu"]
-        verdict = "n/a" if mfu is None else ("meets" if mfu >= TARGET_MFU else "misses")
+        verdict = "meets" if mfu is not None and mfu >= TARGET_MFU else "misses"
         rows += [
             ["GPU", f"{result['device_name']} (dense bf16 peak {result['peak_bf16_tflops'] or 'unknown'} TFLOP/s)"],
             ["MFU", "n/a (pass --peak-tflops)" if mfu is None else f"{100 * mfu:.1f}% ({verdict} {TARGET_MFU:.0%})"],

@@ -1,7 +1,7 @@
 """Routed inference: the top-1 `RoutedEnsemble` against one expert, and soft routing against K experts.
 
 All K experts are copies of one randomly initialised checkpoint, so every mode decodes the same
-tokens and does the same model work per question; what differs is the routing and the batching.
+tokens and does the same model work per question. Only the routing and the batching differ.
 Each mode answers the same `--questions` evaluation questions in batches of `--batch-size`, with
 greedy decoding of up to `--max-new-tokens` tokens:
 
@@ -128,7 +128,7 @@ def measure_size(
     samples = encode_samples(encoder, options.questions, seed=options.seed, n_experts=options.experts)
     if order == "by-expert":
         # What an evaluation loader that reads the questions expert by expert would batch: every batch but
-        # the ones at a boundary between experts holds one expert's questions.
+        # the ones at a boundary between experts contains one expert's questions.
         permutation = np.argsort(routes, kind="stable")
         samples = [samples[i] for i in permutation]
         features = features[permutation]
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", type=int, default=2, help="K, the number of experts.")
     parser.add_argument("--questions", type=int, default=32, help="Evaluation questions per mode and round.")
     parser.add_argument("--batch-size", type=int, default=16, help="Questions per evaluation batch.")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="Longest greedy answer, in tokens.")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="Maximum answer length in tokens (greedy decoding).")
     parser.add_argument("--fine-centroids", type=int, default=1024, help="Fine centroids of the two-stage router.")
     parser.add_argument("--temperature", type=float, default=20.0, help="T of the soft weights softmax(T * cos).")
     parser.add_argument("--rounds", type=int, default=2, help="Rounds over all modes, alternating their order.")

@@ -7,14 +7,16 @@ module with its logging hooks (loss, learning rate, gradient norm, throughput) a
 logger; the plain side is forward, backward, optimiser step, scheduler step and zero_grad.
 
 A step's time is the wall time between two consecutive batch ends, so it includes fetching the
-batch and every hook in between. The first `--warmup` steps of each run are dropped, and the two
+batch and every hook in between. The process CPU time over the same interval is reported too: on
+a machine shared with other jobs it is the steadier figure, because it leaves out the time the
+process waited for a core. The first `--warmup` steps of each run are dropped, and the two
 sides alternate over `--rounds` runs, so that a change in machine load hits both. The table gives
 median step times, their ratio (Lightning / plain; the target is at most 1.10), and the peak
 resident memory of each side. Both sides must see the same losses; the largest difference is
 printed as a check that they did the same work.
 
 Usage:
-    python benchmarks/train_overhead.py --sizes tiny,40m --batch-size 8 --steps 30 --rounds 3
+    python benchmarks/train_overhead.py --sizes tiny,40m --batch-size 8 --steps 10 --rounds 2
 """
 
 from __future__ import annotations
@@ -74,26 +76,39 @@ class CycledBatches(Dataset):
 
 @dataclass
 class RunResult:
-    """Per-step wall times (s) after warmup, the loss of every step, and the peak RSS (MiB)."""
+    """Per-step wall and process CPU times (s) after warmup, the loss of every step, and the peak RSS (MiB)."""
 
     step_seconds: list[float] = field(default_factory=list)
+    step_cpu_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     peak_rss_mib: float = 0.0
+
+
+class StepClock:
+    """Wall and CPU time between consecutive calls of `tick`, recorded from step `warmup` on."""
+
+    def __init__(self, warmup: int, result: RunResult) -> None:
+        self.warmup = warmup
+        self.result = result
+        self._last: tuple[float, float] | None = None
+
+    def tick(self, step: int) -> None:
+        now = (time.perf_counter(), time.process_time())
+        if self._last is not None and step >= self.warmup:
+            self.result.step_seconds.append(now[0] - self._last[0])
+            self.result.step_cpu_seconds.append(now[1] - self._last[1])
+        self._last = now
 
 
 class StepTimer(Callback):
     """Record the time between consecutive training-batch ends, and each step's loss."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
         self.result = RunResult()
-        self._last: float | None = None
+        self.clock = StepClock(warmup, self.result)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last is not None and batch_idx >= self.warmup:
-            self.result.step_seconds.append(now - self._last)
-        self._last = now
+        self.clock.tick(batch_idx)
         self.result.losses.append(float(outputs["loss"]))
 
 
@@ -147,7 +162,7 @@ def run_plain(
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(options.warmup_ratio * total), total)
 
     result = RunResult()
-    last = None
+    clock = StepClock(warmup, result)
     for index, batch in enumerate(make_loader(batches, total)):
         loss = model(
             input_ids=batch["input_ids"],
@@ -160,11 +175,8 @@ def run_plain(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        clock.tick(index)
         result.losses.append(float(loss.detach()))
-        now = time.perf_counter()
-        if last is not None and index >= warmup:
-            result.step_seconds.append(now - last)
-        last = now
     return result
 
 
@@ -198,6 +210,8 @@ def measure_size(size: str, options: argparse.Namespace, workdir: Path, processo
 
     plain_ms = 1e3 * median([s for r in results["plain"] for s in r.step_seconds])
     lightning_ms = 1e3 * median([s for r in results["lightning"] for s in r.step_seconds])
+    plain_cpu_ms = 1e3 * median([s for r in results["plain"] for s in r.step_cpu_seconds])
+    lightning_cpu_ms = 1e3 * median([s for r in results["lightning"] for s in r.step_cpu_seconds])
     loss_gap = max(
         abs(a - b)
         for plain, lightning in zip(results["plain"], results["lightning"], strict=True)
@@ -212,6 +226,9 @@ def measure_size(size: str, options: argparse.Namespace, workdir: Path, processo
         lightning_ms,
         ratio,
         "yes" if ratio <= TARGET_RATIO else "no",
+        plain_cpu_ms,
+        lightning_cpu_ms,
+        lightning_cpu_ms / plain_cpu_ms,
         max(r.peak_rss_mib for r in results["plain"]),
         max(r.peak_rss_mib for r in results["lightning"]),
         f"{loss_gap:.1e}",
@@ -226,6 +243,9 @@ HEADERS = [
     "Lightning step ms",
     "ratio",
     f"<= {TARGET_RATIO}",
+    "plain step CPU ms",
+    "Lightning step CPU ms",
+    "CPU ratio",
     "plain peak RSS MiB",
     "Lightning peak RSS MiB",
     "max loss diff",
@@ -236,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,40m", help="Comma-separated model sizes: tiny, 40m.")
     parser.add_argument("--batch-size", type=int, default=8, help="Samples per training batch.")
-    parser.add_argument("--steps", type=int, default=30, help="Timed optimiser steps per run.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed optimiser steps at the start of each run.")
-    parser.add_argument("--rounds", type=int, default=3, help="Runs of each side, alternating which goes first.")
+    parser.add_argument("--steps", type=int, default=10, help="Timed optimiser steps per run.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimiser steps at the start of each run.")
+    parser.add_argument("--rounds", type=int, default=2, help="Runs of each side, alternating which goes first.")
     parser.add_argument("--distinct-batches", type=int, default=8, help="Different batches, cycled through.")
     parser.add_argument("--learning-rate", type=float, default=4e-5, help="Peak AdamW learning rate.")
     parser.add_argument("--warmup-ratio", type=float, default=0.03, help="Share of steps with linear LR warmup.")

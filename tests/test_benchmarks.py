@@ -46,7 +46,8 @@ def test_routed_inference_smoke():
          "--fine-centroids", "8", "--threads", "0"]
     )  # fmt: skip
     modes = [row[1].split(" (")[0] for row in rows]
-    assert modes == ["single", "top-1", "K single", "soft"]
+    assert modes == ["single", "top-1", "K single", "soft"] * 2
+    assert [row[0] for row in rows] == ["tiny, input"] * 4 + ["tiny, by-expert"] * 4
     for row in rows:
         result = dict(zip(routed_inference.HEADERS, row, strict=True))
         assert result["questions/s (wall)"] > 0
