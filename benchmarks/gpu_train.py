@@ -285,8 +285,11 @@ def run(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         num_sanity_val_steps=0,
         default_root_dir=workdir,
     )
+    # Lightning's distributed sampler gives each rank 1/devices of the dataset, so every rank needs `steps` items.
     steps = options.warmup + options.steps
-    data = RandomSequences(config, processor.tokenizer, options.seq_len, options.tiles, length=steps, seed=options.seed)
+    data = RandomSequences(
+        config, processor.tokenizer, options.seq_len, options.tiles, length=steps * options.devices, seed=options.seed
+    )
     host_peak = PeakRSS()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
