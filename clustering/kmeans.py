@@ -279,8 +279,8 @@ def _balance_weighted(
 
     Each move takes the point with the smallest cosine loss out of the most over-full cluster into
     an under-full one, among points light enough to reduce the total deviation. The total
-    deviation falls with every move, so the loop ends; it stops early when no move helps (a point
-    heavier than the gap), leaving the best balance reached.
+    deviation falls with every move, so the loop ends. It stops early when no single move helps
+    (every candidate is heavier than the gap) and leaves the best balance reached.
     """
     n_clusters = scores.shape[1]
     assignments = assignments.clone()

@@ -1,7 +1,7 @@
 """Two-stage clustering: FAISS spherical k-means into fine clusters, then balanced coarse clusters.
 
 Stage 1 clusters every feature (no subsampling) into ``--n-fine-clusters`` with FAISS spherical
-k-means, on GPU when faiss sees one. Stage 2 groups the fine centroids into
+k-means, on GPU when faiss finds one. Stage 2 groups the fine centroids into
 ``--n-coarse-clusters`` experts with balanced k-means (see ``clustering/kmeans.py``). By default
 each fine centroid weighs its cluster's size, so the experts' sample shares come out within
 ``--balance-tolerance`` of 1/K (0.01: one percentage point); ``--balance-by centroids`` balances the number of fine
