@@ -152,10 +152,10 @@ class AssignmentStats:
     """Points the rounding step moved away from ``argmax(s - p)``."""
 
 
-def _soft_masses(scores: torch.Tensor, prices: torch.Tensor, weights: torch.Tensor, tau: float):
+def _soft_masses(scores: torch.Tensor, prices: torch.Tensor, weights: torch.Tensor | None, tau: float):
     """Return the soft assignment softmax((s - p) / tau) (N, K) and the soft cluster masses (K,)."""
     soft = torch.softmax((scores - prices) / tau, dim=1)  # (N, K)
-    return soft, weights @ soft
+    return soft, (soft.sum(dim=0) if weights is None else weights @ soft)
 
 
 def solve_prices(
@@ -182,26 +182,27 @@ def solve_prices(
     n_clusters = scores.shape[1]
     cold = prices is None
     prices = torch.zeros(n_clusters, dtype=scores.dtype, device=scores.device) if cold else prices.clone()
-    # A cold start walks tau down from about 0.05 by factors of 4; a warm start needs only the last level.
+    # A cold start walks tau down from about 0.05 by factors of 4; a warm start needs only the last levels.
     levels = [tau_final * 4**i for i in range(int(math.log(0.05 / tau_final, 4)), -1, -1)]
     if not cold:
         levels = levels[-2:]
     # The rounding step fixes the last few points, so a mass error of a fraction of a point per
     # 10k is close enough.
     tolerance = 0.5 * float(weights.min()) + 1e-4 * float(targets.min())
+    # Unit weights skip an (N, K) product in every step.
+    mass_weights = None if bool((weights == 1).all()) else weights
     identity = torch.eye(n_clusters, dtype=scores.dtype, device=scores.device)
     steps = 0
     error = float("inf")
     for tau in levels:
-        soft, masses = _soft_masses(scores, prices, weights, tau)
+        soft, masses = _soft_masses(scores, prices, mass_weights, tau)
         for _ in range(max_steps_per_level):
             gradient = targets - masses  # (K,) gradient of the smoothed dual
             error = float(gradient.abs().max())
             if error <= tolerance:
                 break
-            hessian = (
-                torch.diag(masses) - (soft * weights[:, None]).T @ soft
-            ) / tau  # (K, K), null space: ones
+            weighted_soft = soft if mass_weights is None else soft * weights[:, None]  # (N, K)
+            hessian = (torch.diag(masses) - weighted_soft.T @ soft) / tau  # (K, K), null space: ones
             damping = 1e-6 * float(hessian.diagonal().max()) + 1e-12
             direction = -torch.linalg.solve(hessian + damping * identity, gradient)
             direction -= direction.mean()
@@ -213,7 +214,7 @@ def solve_prices(
             improved = False
             for _ in range(10):
                 candidate = prices + step * direction
-                new_soft, new_masses = _soft_masses(scores, candidate, weights, tau)
+                new_soft, new_masses = _soft_masses(scores, candidate, mass_weights, tau)
                 if float((targets - new_masses).abs().sum()) < float(gradient.abs().sum()):
                     improved = True
                     break
@@ -452,8 +453,10 @@ def balanced_spherical_kmeans(
         own = scores.gather(1, assignments[:, None])[:, 0]  # (N,)
         mean_cosine = float(torch.dot(unit_weights, own) / unit_weights.sum())
 
-        weighted_points = points if point_weights is None else points * point_weights[:, None]  # (N, D)
-        sums = torch.zeros_like(centroids).index_add_(0, assignments, weighted_points)  # (K, D)
+        # A one-hot (N, K) matrix product instead of index_add_, because BLAS uses all threads.
+        membership = torch.zeros(n_points, n_clusters, device=points.device)
+        membership.scatter_(1, assignments[:, None], unit_weights[:, None])
+        sums = membership.T @ points  # (K, D)
         centroids = F.normalize(sums, dim=1)
         stats.append(
             {
