@@ -453,10 +453,10 @@ def balanced_spherical_kmeans(
         own = scores.gather(1, assignments[:, None])[:, 0]  # (N,)
         mean_cosine = float(torch.dot(unit_weights, own) / unit_weights.sum())
 
-        # A one-hot (N, K) matrix product instead of index_add_, because BLAS uses all threads.
-        membership = torch.zeros(n_points, n_clusters, device=points.device)
-        membership.scatter_(1, assignments[:, None], unit_weights[:, None])
-        sums = membership.T @ points  # (K, D)
+        # index_add_ rather than a one-hot (K, N) @ (N, D) product: on CPU that product made a
+        # packed copy of the features (peak memory 2.4x the features against 1.4x, N = 200k).
+        weighted_points = points if point_weights is None else points * point_weights[:, None]  # (N, D)
+        sums = torch.zeros_like(centroids).index_add_(0, assignments, weighted_points)  # (K, D)
         centroids = F.normalize(sums, dim=1)
         stats.append(
             {
