@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -162,24 +163,42 @@ def expand_shards(patterns: Sequence[str]) -> list[str]:
 
 
 class _PreprocessedImages(IterableDataset):
-    """Yield `EncodedBatch` items for the pending units; worker w takes units w, w + W, ...
+    """Yield `EncodedBatch` items for the pending units, spread over the DataLoader workers.
 
-    Each unit ends with a batch whose ``last`` is True, so the main process can tell when a chunk is
-    complete even when its size is not known in advance (shards).
+    A jsonl unit is cut into ``parts`` interleaved slices of its keys, so that every worker has
+    work even when a dataset fits in one chunk; a shard is one part, because a tar file is read
+    in order. The tasks (unit, part) go round-robin to the workers. Each task ends with a batch
+    whose ``last`` is True, so the main process can tell when all parts of a chunk are done even
+    when its size is not known in advance (shards).
     """
 
-    def __init__(self, units: list[WorkUnit], images_dir: Path | None, image_processor: Any, batch_size: int):
+    def __init__(
+        self,
+        units: list[WorkUnit],
+        images_dir: Path | None,
+        image_processor: Any,
+        batch_size: int,
+        parts: int,
+    ):
         super().__init__()
         self.units = units
         self.images_dir = images_dir
         self.image_processor = image_processor
         self.batch_size = batch_size
+        self.parts = parts
+
+    def parts_of(self, unit: WorkUnit) -> int:
+        return 1 if unit.shard is not None else self.parts
 
     def __iter__(self) -> Iterator[EncodedBatch]:
         info = get_worker_info()
         worker_id, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for unit in self.units[worker_id::n_workers]:
-            source = self._iter_shard(unit.shard) if unit.shard is not None else self._iter_files(unit.keys)
+        tasks = [(unit, part) for unit in self.units for part in range(self.parts_of(unit))]
+        for unit, part in tasks[worker_id::n_workers]:
+            if unit.shard is not None:
+                source = self._iter_shard(unit.shard)
+            else:
+                source = self._iter_files(unit.keys[part :: self.parts])
             yield from self._batches(unit.index, source)
 
     def _iter_files(self, keys: list[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
@@ -224,7 +243,8 @@ class _PreprocessedImages(IterableDataset):
                     images.append(decode_rgb(data))
                     keys.append(key)
                 except (OSError, UnidentifiedImageError, ValueError) as decode_error:
-                    error = f"unreadable image: {decode_error}"
+                    # PIL names the in-memory buffer with its address; drop it so reasons are reproducible.
+                    error = "unreadable image: " + re.sub(r" at 0x[0-9a-fA-F]+", "", str(decode_error))
             if error is not None:
                 failures.append({"key": key, "reason": error})
             if len(images) == self.batch_size:
@@ -350,8 +370,12 @@ def _embed_pending(
     """Embed the pending units and write one chunk each; returns the number of images processed."""
     model, image_processor = load_clip_image_encoder(args.clip_model, device=args.device)
     images_dir = Path(args.images_dir) if args.images_dir else None
-    dataset = _PreprocessedImages(pending, images_dir, image_processor, args.batch_size)
-    n_workers = min(args.num_workers, len(pending))
+    n_workers = args.num_workers
+    dataset = _PreprocessedImages(
+        pending, images_dir, image_processor, args.batch_size, parts=max(1, n_workers)
+    )
+    units_by_index = {unit.index: unit for unit in pending}
+    parts_done: dict[int, int] = {}
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -374,11 +398,24 @@ def _embed_pending(
             failures.extend(batch.failures)
             bar.update(len(batch.keys) + len(batch.failures))
             processed += len(batch.keys) + len(batch.failures)
-            if batch.last:
-                dim = model.config.projection_dim
-                features = np.concatenate(embeds) if embeds else np.empty((0, dim), dtype=np.float32)
-                _write_chunk(chunks_dir, batch.unit, features, keys, failures)
-                del in_flight[batch.unit]
+            if not batch.last:
+                continue
+            parts_done[batch.unit] = parts_done.get(batch.unit, 0) + 1
+            unit = units_by_index[batch.unit]
+            if parts_done[batch.unit] < dataset.parts_of(unit):
+                continue
+            dim = model.config.projection_dim
+            features = np.concatenate(embeds) if embeds else np.empty((0, dim), dtype=np.float32)
+            if unit.shard is None:
+                # Parts arrive interleaved; restore the unit's key order so that outputs do not
+                # depend on the number of workers.
+                position = {key: i for i, key in enumerate(unit.keys)}
+                order = np.argsort([position[key] for key in keys], kind="stable")
+                features = features[order]
+                keys = [keys[i] for i in order]
+                failures = sorted(failures, key=lambda failure: position[failure["key"]])
+            _write_chunk(chunks_dir, batch.unit, features, keys, failures)
+            del in_flight[batch.unit]
     return processed
 
 

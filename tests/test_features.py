@@ -244,3 +244,22 @@ def test_extract_webdataset_shards(tmp_path: Path, tiny_clip_dir: Path) -> None:
     np.testing.assert_allclose(
         np.load(out / "features.npy"), embed_images(model, processor, decoded), atol=1e-5
     )
+
+
+def test_extract_same_rows_any_worker_count(tmp_path: Path, tiny_clip_dir: Path, jsonl_dataset) -> None:
+    """One chunk split over three workers gives the rows, keys and failures of a single process."""
+    jsonl, images_dir, expected_keys = jsonl_dataset
+    outputs = {}
+    for workers in ("0", "3"):
+        out = tmp_path / f"workers-{workers}"
+        extract_features.main(
+            ["--input-jsonl", str(jsonl), "--images-dir", str(images_dir), "--output-dir", str(out),
+             "--clip-model", str(tiny_clip_dir), "--num-workers", workers, "--batch-size", "2"]
+        )  # fmt: skip
+        outputs[workers] = out
+    assert (outputs["3"] / "keys.txt").read_text().splitlines() == expected_keys
+    assert (outputs["3"] / "keys.txt").read_text() == (outputs["0"] / "keys.txt").read_text()
+    assert (outputs["3"] / "failed.jsonl").read_text() == (outputs["0"] / "failed.jsonl").read_text()
+    np.testing.assert_allclose(
+        np.load(outputs["3"] / "features.npy"), np.load(outputs["0"] / "features.npy"), atol=1e-6
+    )
