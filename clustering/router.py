@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -304,22 +306,53 @@ class Router:
             features: (N, D) CLIP image embeddings.
             temperature: T >= 0 multiplying the cosines; T = 0 gives uniform weights and large T
                 approaches top-1 routing.
-            top_k: keep only the k highest-scoring experts per row (ties broken by lower expert
-                id), set the rest to 0 and renormalise; None keeps all K.
+            top_k: keep only the k experts with the highest scores per row, as in
+                `routing_weights`; None keeps all K.
         """
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
-        if top_k is not None and not 1 <= top_k <= self.n_experts:
-            raise ValueError(f"top_k must be in [1, {self.n_experts}] (the number of experts), got {top_k}.")
-        logits = np.float32(temperature) * self.scores(features)  # (N, K)
-        if top_k is not None and top_k < self.n_experts:
-            # Stable sort on the negated logits keeps the lower expert id first among ties.
-            dropped = np.argsort(-logits, axis=1, kind="stable")[:, top_k:]  # (N, K - top_k)
-            np.put_along_axis(logits, dropped, -np.inf, axis=1)
-        logits -= logits.max(axis=1, keepdims=True)
-        weights = np.exp(logits)
-        weights /= weights.sum(axis=1, keepdims=True)
-        return weights.astype(np.float32, copy=False)
+        scores = torch.from_numpy(self.scores(features))  # (N, K)
+        return routing_weights(scores, temperature, top_k).numpy()
+
+
+def routing_weights(
+    route_scores: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    available: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return soft-routing weights ``w_k = softmax_k(temperature * route_scores)``.
+
+    Args:
+        route_scores: (B, K) cosine similarities.
+        temperature: T >= 0. T = 0 gives uniform weights, a large T approaches top-1 routing.
+        top_k: keep the k experts with the highest scores per row (ties go to the lower expert
+            id), set the other weights to 0 and renormalise; None keeps all. The ranking uses the
+            scores, so T = 0 with ``top_k`` is the uniform mixture of the k nearest experts.
+        available: (K,) bool, experts that may receive weight; None means all of them.
+
+    Returns:
+        (B, K) float32 weights, each row summing to 1.
+    """
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
+    n_experts = route_scores.shape[1]
+    logits = temperature * route_scores.float()  # (B, K)
+    if available is not None:
+        if not bool(available.any()):
+            raise ValueError("no expert is available to route to.")
+        logits = logits.masked_fill(~available.to(logits.device)[None, :], float("-inf"))
+    n_available = n_experts if available is None else int(available.sum())
+    if top_k is not None:
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, {n_experts}] (the number of experts), got {top_k}.")
+        if top_k < n_available:
+            # Rank by the scores, not by T * scores, so that T = 0 keeps the k nearest experts.
+            # A stable sort keeps the lower expert id first among equal scores.
+            ranking = route_scores.float()
+            if available is not None:
+                ranking = ranking.masked_fill(~available.to(ranking.device)[None, :], float("-inf"))
+            order = torch.sort(-ranking, dim=1, stable=True).indices  # (B, K)
+            logits = logits.scatter(1, order[:, top_k:], float("-inf"))
+    return torch.softmax(logits, dim=1)
 
 
 def _load_array(path: Path) -> np.ndarray:

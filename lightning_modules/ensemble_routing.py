@@ -8,7 +8,6 @@ image feature and the experts' centroids, ``expert`` (B,) is the top-1 route.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,51 +15,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from clustering.router import routing_weights
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-def routing_weights(
-    route_scores: torch.Tensor,
-    temperature: float,
-    top_k: int | None = None,
-    available: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Return soft-routing weights ``w_k = softmax_k(temperature * route_scores)``.
-
-    Args:
-        route_scores: (B, K) cosine similarities.
-        temperature: T >= 0. T = 0 gives uniform weights, a large T approaches top-1 routing.
-        top_k: keep the k experts with the highest scores per row (ties go to the lower expert
-            id), set the other weights to 0 and renormalise; None keeps all. The ranking uses the
-            scores, so T = 0 with ``top_k`` is the uniform mixture of the k nearest experts.
-        available: (K,) bool, experts that may receive weight; None means all of them.
-
-    Returns:
-        (B, K) float32 weights, each row summing to 1.
-    """
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
-    n_experts = route_scores.shape[1]
-    logits = temperature * route_scores.float()  # (B, K)
-    if available is not None:
-        if not bool(available.any()):
-            raise ValueError("no expert is available to route to.")
-        logits = logits.masked_fill(~available.to(logits.device)[None, :], float("-inf"))
-    n_available = n_experts if available is None else int(available.sum())
-    if top_k is not None:
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be in [1, {n_experts}] (the number of experts), got {top_k}.")
-        if top_k < n_available:
-            # Rank by the scores, not by T * scores, so that T = 0 keeps the k nearest experts.
-            # A stable sort keeps the lower expert id first among equal scores.
-            ranking = route_scores.float()
-            if available is not None:
-                ranking = ranking.masked_fill(~available.to(ranking.device)[None, :], float("-inf"))
-            order = torch.sort(-ranking, dim=1, stable=True).indices  # (B, K)
-            logits = logits.scatter(1, order[:, top_k:], float("-inf"))
-    return torch.softmax(logits, dim=1)
 
 
 def resolve_routes(

@@ -105,6 +105,10 @@ def test_weights_softmax_and_top_k(two_stage_dir: Path) -> None:
     assert top1.tolist() == [[1.0, 0.0], [0.0, 1.0]]
     uniform = router.weights(features, temperature=0.0)
     np.testing.assert_allclose(uniform, 0.5)
+    # top_k ranks by the cosines, so at T = 0 it still keeps the nearest expert, not expert 0.
+    nearest = router.weights(features, temperature=0.0, top_k=1)
+    assert nearest.argmax(axis=1).tolist() == router.route(features).experts.tolist()
+    assert nearest.max(axis=1).tolist() == [1.0, 1.0]
 
 
 def test_weights_reject_bad_arguments(two_stage_dir: Path) -> None:
