@@ -183,6 +183,9 @@ class InternVLExpert(LightningModule):
         if self.model is not None:
             return
         model = self.build_model()
+        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode
+        # when fit starts, so without this a checkpoint with dropout would train without it.
+        model.train()
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rank_zero_info(
