@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=int,
         default=32,
-        help="--chunk-size of the script. A worker takes whole chunks, so fewer chunks than workers leaves workers idle.",
+        help="--chunk-size of the script: images per resumable chunk written to disk.",
     )
     parser.add_argument("--rounds", type=int, default=2, help="Rounds over all variants, alternating their order.")
     parser.add_argument(
