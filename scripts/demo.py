@@ -71,6 +71,7 @@ class DemoSettings:
     learning_rate: float = 1e-3
     max_length: int = 84
     num_workers: int = 1
+    threads: int = 1
     eval_batch_size: int = 64
     soft_temperature: float = 20.0
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -171,14 +172,23 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     partial.replace(path)
 
 
-def run_command(command: Sequence[str], log_path: Path) -> None:
+def run_command(command: Sequence[str], log_path: Path, threads: int = 1) -> None:
     """Run one command from the repository root, appending its output to `log_path`.
+
+    `threads` sets OMP_NUM_THREADS, torch's intra-op thread count. A training process with two
+    threads beside its DataLoader worker, or beside any other busy process, oversubscribes two cores,
+    and PyTorch's OpenMP threads then spend most of their time waiting on each other.
 
     Raises:
         RuntimeError: the command exited with a non-zero status; the message holds the log's tail.
     """
     printable = " ".join(str(part) for part in command)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads),
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     with log_path.open("a") as log:
         log.write(f"$ {printable}\n")
@@ -245,6 +255,7 @@ def stage_prepare(runner: StageRunner, paths: DemoPaths, settings: DemoSettings)
                 *optional_flag("--max-test-images", settings.max_test_images),
             ),
             log,
+            settings.threads,
         )
         return {
             "train_records": count_lines(paths.data / "train.jsonl"),
@@ -279,6 +290,7 @@ def stage_features(runner: StageRunner, paths: DemoPaths, settings: DemoSettings
                 settings.seeds[0],
             ),
             log,
+            settings.threads,
         )
         metrics = json.loads((paths.clip / "demo_clip_metrics.json").read_text())
         return {"retrieval": metrics["retrieval"], "train_seconds": metrics["train_seconds"]}
@@ -305,6 +317,7 @@ def stage_features(runner: StageRunner, paths: DemoPaths, settings: DemoSettings
                     settings.num_workers,
                 ),
                 log,
+                settings.threads,
             )
             rows[split] = count_lines(paths.features / split / "keys.txt")
         return {"rows": rows}
@@ -337,6 +350,7 @@ def stage_cluster(runner: StageRunner, paths: DemoPaths, settings: DemoSettings)
                 settings.seeds[0],
             ),
             log,
+            settings.threads,
         )
         metadata = json.loads((paths.clusters / "clustering_metadata.json").read_text())
         return {"metadata": metadata}
@@ -368,6 +382,7 @@ def stage_split(runner: StageRunner, paths: DemoPaths, settings: DemoSettings) -
                     features / "keys.txt",
                 ),
                 log,
+                settings.threads,
             )
             manifest = json.loads((output / "manifest.json").read_text())
             return {
@@ -466,7 +481,7 @@ def stage_train(runner: StageRunner, paths: DemoPaths, settings: DemoSettings, s
         def body(
             log: Path, command: list[str] = command, run: str = run, checkpoint_dir: Path = checkpoint_dir
         ):
-            run_command(command, log)
+            run_command(command, log, settings.threads)
             last = checkpoint_dir / "last.ckpt"
             if not last.is_file():
                 raise RuntimeError(f"{run}: training finished but wrote no {last}. See {log}.")
@@ -565,7 +580,7 @@ def stage_test(
         def body(
             log: Path, command: list[str] = command, prediction_dir: Path = prediction_dir, run: str = run
         ):
-            run_command(command, log)
+            run_command(command, log, settings.threads)
             # With --ckpt_path, LightningCLI (2.6) replaces the model's options by the hyperparameters
             # saved in the checkpoint, so the dense run's predictions_dir is the training value (None)
             # and the answers land in the default <log_dir>/predictions.
@@ -1001,6 +1016,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, DemoS
         "--num-workers", type=int, default=defaults.num_workers, help="DataLoader workers of every stage."
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="OMP_NUM_THREADS of every stage (torch's intra-op threads).",
+    )
+    parser.add_argument(
         "--eval-batch-size", type=int, default=defaults.eval_batch_size, help="Test questions per batch."
     )
     parser.add_argument(
@@ -1027,6 +1048,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, DemoS
         learning_rate=args.learning_rate,
         max_length=args.max_length,
         num_workers=args.num_workers,
+        threads=args.threads,
         eval_batch_size=args.eval_batch_size,
         soft_temperature=args.soft_temperature,
         seeds=list(dict.fromkeys(args.seeds)),
