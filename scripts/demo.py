@@ -820,7 +820,7 @@ def collect_results(
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "machine": machine_description(),
+        "machine": machine_description(settings.threads),
         "settings": asdict(settings),
         "systems": systems,
         "seeds": per_seed,
@@ -853,14 +853,16 @@ def collect_results(
     }
 
 
-def machine_description() -> str:
+def machine_description(threads: int) -> str:
     import platform
 
     import torch
 
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
-        f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}"
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; stages ran with OMP_NUM_THREADS={threads}; "
+        f"load average at the end {load} (1, 5, 15 min)"
     )
 
 
