@@ -152,10 +152,14 @@ class AssignmentStats:
     """Points the rounding step moved away from ``argmax(s - p)``."""
 
 
-def _soft_masses(scores: torch.Tensor, prices: torch.Tensor, weights: torch.Tensor | None, tau: float):
-    """Return the soft assignment softmax((s - p) / tau) (N, K) and the soft cluster masses (K,)."""
-    soft = torch.softmax((scores - prices) / tau, dim=1)  # (N, K)
-    return soft, (soft.sum(dim=0) if weights is None else weights @ soft)
+def _soft_masses(scores_t: torch.Tensor, prices: torch.Tensor, weights: torch.Tensor | None, tau: float):
+    """Return the soft assignment softmax_k((s - p) / tau) as (K, N) and the soft cluster masses (K,).
+
+    It takes the scores transposed, (K, N): on CPU a softmax over the first axis of a (K, N) tensor
+    ran about 6x faster than over the last axis of (N, K) for K = 8 (N = 100k, 2 threads).
+    """
+    soft = torch.softmax((scores_t - prices[:, None]) / tau, dim=0)  # (K, N)
+    return soft, (soft.sum(dim=1) if weights is None else soft @ weights)
 
 
 def solve_prices(
@@ -192,17 +196,18 @@ def solve_prices(
     # Unit weights skip an (N, K) product in every step.
     mass_weights = None if bool((weights == 1).all()) else weights
     identity = torch.eye(n_clusters, dtype=scores.dtype, device=scores.device)
+    scores_t = scores.T.contiguous()  # (K, N), the layout `_soft_masses` is fast on
     steps = 0
     error = float("inf")
     for tau in levels:
-        soft, masses = _soft_masses(scores, prices, mass_weights, tau)
+        soft, masses = _soft_masses(scores_t, prices, mass_weights, tau)
         for _ in range(max_steps_per_level):
             gradient = targets - masses  # (K,) gradient of the smoothed dual
             error = float(gradient.abs().max())
             if error <= tolerance:
                 break
-            weighted_soft = soft if mass_weights is None else soft * weights[:, None]  # (N, K)
-            hessian = (torch.diag(masses) - weighted_soft.T @ soft) / tau  # (K, K), null space: ones
+            weighted_soft = soft if mass_weights is None else soft * weights[None, :]  # (K, N)
+            hessian = (torch.diag(masses) - weighted_soft @ soft.T) / tau  # (K, K), null space: ones
             damping = 1e-6 * float(hessian.diagonal().max()) + 1e-12
             direction = -torch.linalg.solve(hessian + damping * identity, gradient)
             direction -= direction.mean()
@@ -214,7 +219,7 @@ def solve_prices(
             improved = False
             for _ in range(10):
                 candidate = prices + step * direction
-                new_soft, new_masses = _soft_masses(scores, candidate, mass_weights, tau)
+                new_soft, new_masses = _soft_masses(scores_t, candidate, mass_weights, tau)
                 if float((targets - new_masses).abs().sum()) < float(gradient.abs().sum()):
                     improved = True
                     break
