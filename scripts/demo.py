@@ -807,15 +807,13 @@ def collect_results(
 
     train_manifest = json.loads((paths.shards_train / "manifest.json").read_text())
     test_manifest = json.loads((paths.shards_test / "manifest.json").read_text())
-    budgets = {}
-    for seed in predictions:
-        for k in range(settings.experts):
-            budgets[f"expert{k}"] = runner.records[f"fit-{paths.run_name(f'expert{k}', seed)}"].result[
-                "steps"
-            ]
-    budgets["dense"] = runner.records[
-        f"fit-{paths.run_name('dense', predictions and next(iter(predictions)))}"
-    ].result["steps"]
+    # The optimiser steps each run took, read back from its checkpoint (the experts' come from
+    # compute matching). They are the same for every seed.
+    first_seed = next(iter(predictions))
+    steps = {
+        model: runner.records[f"fit-{paths.run_name(model, first_seed)}"].result["steps"]
+        for model in ["dense"] + [f"expert{k}" for k in range(settings.experts)]
+    }
     clip = runner.records["clip"].result
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -837,7 +835,7 @@ def collect_results(
             "contents": cluster_contents(paths),
             "metadata": runner.records["cluster"].result["metadata"],
         },
-        "optimizer_steps": budgets,
+        "optimizer_steps": steps,
         "clip_encoder": {"path": str(paths.clip), **clip},
         "stage_seconds": {name: record.seconds for name, record in runner.records.items()},
         "stages_reused": sorted(name for name, record in runner.records.items() if record.skipped),

@@ -169,6 +169,19 @@ def test_demo_results_hold_every_system(demo_run: tuple[Path, subprocess.Complet
 
 
 @pytest.mark.slow
+def test_demo_experts_compute_matched(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    output_dir, _ = demo_run
+    results = json.loads((output_dir / "results.json").read_text())
+    samples = results["clusters"]["train_samples"]
+    dense_steps = int(REDUCED_ARGS[REDUCED_ARGS.index("--dense-steps") + 1])
+    assert results["optimizer_steps"]["dense"] == dense_steps
+    for k, n_k in enumerate(samples):
+        # p_k * K * S steps at batch B / K, at least one.
+        expected = max(1, round(n_k / sum(samples) * len(samples) * dense_steps))
+        assert results["optimizer_steps"][f"expert{k}"] == expected, k
+
+
+@pytest.mark.slow
 def test_demo_rerun_reuses_stages(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     output_dir, _ = demo_run
     before = json.loads((output_dir / "results.json").read_text())
