@@ -180,7 +180,7 @@ def run_command(command: Sequence[str], log_path: Path, threads: int = 1) -> Non
     and PyTorch's OpenMP threads then spend most of their time waiting on each other.
 
     Raises:
-        RuntimeError: the command exited with a non-zero status; the message holds the log's tail.
+        RuntimeError: the command exited with a non-zero status; the message contains the tail of the log.
     """
     printable = " ".join(str(part) for part in command)
     env = {

@@ -3,7 +3,7 @@
 The run goes through the same stages and commands as `make demo` (every script and `cli.py` run as a
 subprocess), so this test checks that the parts fit together: every stage's outputs exist, the shard
 manifests account for every record, each system's predictions answer every test question once, and
-the results file holds every system. A second invocation must reuse every finished stage.
+the results file contains every system. A second invocation must reuse every finished stage.
 """
 
 from __future__ import annotations
