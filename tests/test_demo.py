@@ -190,3 +190,55 @@ def test_demo_rerun_reuses_stages(demo_run: tuple[Path, subprocess.CompletedProc
     after = json.loads((output_dir / "results.json").read_text())
     assert sorted(after["stages_reused"]) == sorted(STAGES)
     assert after["seeds"] == before["seeds"]
+
+
+def conversation(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    turns = []
+    for question, answer in pairs:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return turns
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        ((("<image>\nwhat is the blue shape?", "rectangle"),), ("blue", "rectangle")),
+        ((("what color is the shape?", "teal"),), ("teal", None)),
+        ((("what is the color of the circle?", "red"),), ("red", "circle")),
+        ((("is there a red shape?", "yes"),), ("red", None)),
+        ((("is there not a red shape?", "yes"),), (None, None)),
+        ((("is there not a triangle?", "no"),), (None, "triangle")),
+        ((("is no green shape present?", "no"),), ("green", None)),
+        (
+            (("does the image contain a circle?", "no"), ("what shape is present?", "triangle")),
+            (None, "triangle"),
+        ),
+    ],
+)
+def test_parse_color_shape_cases(
+    pairs: tuple[tuple[str, str], ...], expected: tuple[str | None, str | None]
+) -> None:
+    from clustering.train_demo_clip import parse_color_shape
+
+    assert parse_color_shape(conversation(*pairs)) == expected
+
+
+def test_contrastive_loss_prefers_matching_captions() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from clustering.train_demo_clip import contrastive_loss
+
+    captions = F.normalize(torch.eye(3, 4), dim=-1)  # (C, P): three orthogonal caption embeddings
+    caption_index = torch.tensor([0, 0, 1, 2])  # two images share caption 0
+    matching = captions[caption_index]  # (B, P): each image on its own caption
+    shuffled = captions[torch.tensor([1, 2, 0, 0])]
+    scale = torch.tensor(2.0)
+    assert contrastive_loss(matching, captions, caption_index, scale) < contrastive_loss(
+        shuffled, captions, caption_index, scale
+    )
+    # With a large scale and matching embeddings, image-to-text goes to 0, and text-to-image goes to
+    # log(2) for caption 0 (two images with equal target mass) and 0 for the others: log(2) / 3 over
+    # the 3 captions. The loss is the mean of the two terms.
+    floor = contrastive_loss(matching, captions, caption_index, torch.tensor(10.0))
+    assert floor.item() == pytest.approx(torch.log(torch.tensor(2.0)).item() / 3 / 2, abs=1e-3)
