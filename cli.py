@@ -19,7 +19,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules.compute_matching import (
     ExpertBudget,
@@ -63,6 +63,31 @@ class ExpertCLI(LightningCLI):
             config = self.config[self.subcommand] if self.subcommand else self.config
             self.matched_budget = apply_compute_matching(config)
 
+    def _parse_ckpt_path(self) -> None:
+        """Apply a `--ckpt_path` file's saved hyperparameters as LightningCLI does, and warn about each
+        model option they replace.
+
+        LightningCLI rebuilds the model from the hyperparameters saved in the checkpoint, so a model option
+        from a config file or the command line that differs from the saved value is dropped. Without this
+        warning a flag such as `--model.init_args.predictions_dir` would be ignored silently.
+        NOTE: this overrides a private LightningCLI method (lightning 2.6); recheck it on upgrades.
+        """
+        subcommand = self.config.get("subcommand")
+        before = _model_init_args(self.config, subcommand)
+        super()._parse_ckpt_path()
+        after = _model_init_args(self.config, subcommand)
+        replaced = [
+            f"{key}: {before[key]!r} -> {after[key]!r}"
+            for key in sorted(before.keys() & after.keys())
+            if before[key] != after[key]
+        ]
+        if replaced:
+            rank_zero_warn(
+                "The hyperparameters saved in --ckpt_path replace these model options from the config or command "
+                f"line: {'; '.join(replaced)}. HINT: this is how LightningCLI rebuilds the checkpoint's model; to "
+                "change such an option, export the expert (lightning_modules/export.py) and load it by path."
+            )
+
     def before_fit(self) -> None:
         self._resolve_last_checkpoint("fit")
         if self.matched_budget is not None:
@@ -95,6 +120,14 @@ class ExpertCLI(LightningCLI):
         path = find_last_checkpoint(directory)
         rank_zero_info(f"Resuming from {path}")
         self.config_init[subcommand]["ckpt_path"] = str(path)
+
+
+def _model_init_args(config: Any, subcommand: str | None) -> dict[str, Any]:
+    """Return the model's `init_args` in a parsed config as a plain dict (empty when there are none)."""
+    if not subcommand or subcommand not in config:
+        return {}
+    init_args = config[subcommand].get("model", {}).get("init_args")
+    return dict(vars(init_args)) if init_args is not None else {}
 
 
 def checkpoint_dir(trainer: Any) -> Path:

@@ -91,6 +91,13 @@ def test_fit_logs_and_resumes(synthetic_split, tiny_internvl_processor_dir, tmp_
     # The resumed run logs steps 4 and 5 into the same directory: the logger's step continues.
     assert scalar_steps(log_dir, "train/loss") == [0, 1, 2, 3, 4, 5]
 
+    # LightningCLI rebuilds the model from the checkpoint's hyperparameters; an option they replace is
+    # reported, not dropped silently.
+    args = tiny_args(synthetic_split, tiny_internvl_processor_dir, runs, "--model.init_args.learning_rate", "0.5")
+    with pytest.warns(UserWarning, match=r"learning_rate: 0\.5 -> 0\.002"):
+        validated = cli.main(["validate", *args, "--ckpt_path", str(last)])
+    assert validated.model.hparams.learning_rate == pytest.approx(2e-3)
+
 
 def test_ckpt_path_last_without_checkpoint(synthetic_split, tiny_internvl_processor_dir, tmp_path):
     runs = tmp_path / "runs"
