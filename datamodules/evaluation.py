@@ -1,8 +1,8 @@
-"""Evaluation sets: every question of a routed split, once each, in input order.
+"""Evaluation sets: every question of a routed split, once each, in input or expert order.
 
 Evaluation reads the same shards as training but as a map-style dataset: the tar headers are
-indexed once, each sample is read by seeking to its members, and the order is the input order
-(sample keys number the input records). A map-style dataset lets Lightning shard it over ranks
+indexed once, and each sample is read by seeking to its members. The order is the input order
+(sample keys number the input records), or that order within each expert, expert by expert. A map-style dataset lets Lightning shard it over ranks
 with its `DistributedSampler`.
 """
 
@@ -23,6 +23,8 @@ from datamodules.collate import EvalCollator, EvalSampleEncoder
 from datamodules.splits import SplitSource, ensure_small_processor, ensure_split, load_processor
 
 log = logging.getLogger(__name__)
+
+EVAL_ORDERS = ("input", "expert")
 
 # (shard path, byte offset of the data, size in bytes) of one tar member.
 MemberLocation = tuple[str, int, int]
@@ -50,11 +52,20 @@ class EvalShardDataset(Dataset):
         split_dir: output directory of `split_dataset.py` for the evaluation set.
         encoder: turns a raw sample (``{"json": bytes, "<i>.<ext>": bytes}``) into model inputs.
         experts: the experts whose questions to include; None includes all.
+        order: ``"input"`` (the source records' order) or ``"expert"`` (expert 0's questions first,
+            each expert's in input order), which keeps a routed ensemble's batches to one expert
+            each and so lets it answer a batch in one `generate` call.
     """
 
     def __init__(
-        self, split_dir: str | Path, encoder: EvalSampleEncoder, experts: list[int] | None = None
+        self,
+        split_dir: str | Path,
+        encoder: EvalSampleEncoder,
+        experts: list[int] | None = None,
+        order: str = "input",
     ) -> None:
+        if order not in EVAL_ORDERS:
+            raise ValueError(f"order must be one of {EVAL_ORDERS}, got {order!r}.")
         self.split_dir = Path(split_dir)
         self.encoder = encoder
         manifest = load_manifest(self.split_dir)
@@ -66,11 +77,16 @@ class EvalShardDataset(Dataset):
             )
         selected = manifest["experts"] if experts is None else [manifest["experts"][k] for k in experts]
         index: dict[str, dict[str, MemberLocation]] = {}
+        self.keys = []
         for row in selected:
+            expert_index: dict[str, dict[str, MemberLocation]] = {}
             for shard in row["shards"]:
-                index.update(index_shard(self.split_dir / shard["path"]))
-        # Keys are the zero-padded input record numbers, so sorting them restores the input order.
-        self.keys = sorted(index)
+                expert_index.update(index_shard(self.split_dir / shard["path"]))
+            index.update(expert_index)
+            # Keys are the zero-padded input record numbers, so sorting them restores the input order.
+            self.keys.extend(sorted(expert_index))
+        if order == "input":
+            self.keys.sort()
         self.members = [index[key] for key in self.keys]
         self.expected = sum(row["samples"] for row in selected)
         if len(self.keys) != self.expected:
@@ -127,6 +143,9 @@ class EvalDataModule(L.LightningDataModule):
             from the training text of `train_dir` or `train_source`.
         train_dir: the training split, read only to build the preset processor.
         train_source: the training inputs, read only to build the preset processor.
+        order: ``"expert"`` (default) reads the questions expert by expert, so that a routed
+            ensemble answers most batches with one expert in one `generate` call; ``"input"``
+            keeps the source order. Scores and predictions do not depend on it.
     """
 
     def __init__(
@@ -144,9 +163,12 @@ class EvalDataModule(L.LightningDataModule):
         preset: str | None = None,
         train_dir: str | None = None,
         train_source: SplitSource | None = None,
+        order: str = "expert",
     ) -> None:
         super().__init__()
         problems = []
+        if order not in EVAL_ORDERS:
+            problems.append(f"order must be one of {EVAL_ORDERS}, got {order!r}")
         if batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -171,6 +193,7 @@ class EvalDataModule(L.LightningDataModule):
         self.preset = preset
         self.train_dir = train_dir
         self.train_source = train_source
+        self.order = order
         self.processor: Any = None
         self.dataset: EvalShardDataset | None = None
 
@@ -194,7 +217,7 @@ class EvalDataModule(L.LightningDataModule):
             )
             n_experts = load_manifest(self.eval_dir)["n_experts"]
             self.dataset = EvalShardDataset(
-                self.eval_dir, EvalSampleEncoder(encoder, n_experts), self.experts
+                self.eval_dir, EvalSampleEncoder(encoder, n_experts), self.experts, self.order
             )
             rank_zero_info(
                 f"Evaluation data: {len(self.dataset)} questions from {self.eval_dir}, experts "

@@ -460,7 +460,7 @@ def eval_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_eval_batches_carry_questions_and_routes(eval_split: Path, processor_dir: Path) -> None:
     module = EvalDataModule(
-        eval_dir=str(eval_split), processor=str(processor_dir), batch_size=4, num_workers=0
+        eval_dir=str(eval_split), processor=str(processor_dir), batch_size=4, num_workers=0, order="input"
     )
     module.prepare_data()
     module.setup("test")
@@ -489,6 +489,24 @@ def test_eval_batches_carry_questions_and_routes(eval_split: Path, processor_dir
         assert text.endswith(f"{batch['question'][row]}<|im_end|>\n<|im_start|>assistant\n")
         answer_ids = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
         assert tokenizer.decode(answer_ids) == batch["gt_answers"][row][0] + "<|im_end|>"
+
+
+def test_eval_expert_order_groups_routes(eval_split: Path, processor_dir: Path) -> None:
+    module = EvalDataModule(eval_dir=str(eval_split), processor=str(processor_dir), batch_size=4, num_workers=0)
+    module.setup("test")
+
+    batches = list(module.test_dataloader())
+
+    ids = [qid for batch in batches for qid in batch["question_id"]]
+    routes = [expert for batch in batches for expert in batch["expert"].tolist()]
+    # Expert 0's questions first, each expert's in input order; still every question once.
+    assert ids == ["q0", "q2", "q4", "q6", "q1", "q3", "q5"]
+    assert routes == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_eval_rejects_unknown_order(eval_split: Path, processor_dir: Path) -> None:
+    with pytest.raises(ValueError, match="order must be one of"):
+        EvalDataModule(eval_dir=str(eval_split), processor=str(processor_dir), order="random")
 
 
 def test_eval_selects_routed_experts(eval_split: Path, processor_dir: Path) -> None:
