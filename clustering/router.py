@@ -17,6 +17,7 @@ the same expert everywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -171,6 +172,23 @@ class Router:
         self._order = np.argsort(self._arrays.owner, kind="stable")
         counts = np.bincount(self._arrays.owner, minlength=n_experts)
         self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+    @property
+    def fingerprint(self) -> str:
+        """A 16-hex-digit SHA-256 digest of the routing arrays (centroids, owners, global mean).
+
+        Two routers with the same fingerprint send every feature to the same expert. Splits record
+        it in their manifest, so that evaluation can check that a split was routed by the
+        clustering it is evaluated with.
+        """
+        digest = hashlib.sha256()
+        arrays = self._arrays
+        for array in (arrays.centroids, arrays.owner, arrays.global_mean):
+            if array is not None:
+                contiguous = np.ascontiguousarray(array)
+                digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+                digest.update(contiguous.tobytes())
+        return digest.hexdigest()[:16]
 
     @classmethod
     def from_dir(cls, results_dir: str | Path) -> Router:

@@ -644,6 +644,7 @@ def _build_manifest(
     return {
         "format_version": MANIFEST_VERSION,
         "n_experts": splitter.router.n_experts,
+        "clustering_fingerprint": splitter.router.fingerprint,
         "total_records": state.total,
         "written": sum(tally.samples for tally in splitter.tallies),
         "experts": experts,

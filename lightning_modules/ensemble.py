@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from clustering.router import Router
+from clustering.shards import load_manifest
 from lightning_modules.ensemble_routing import (
     DEFAULT_TEMPERATURE_GRID,
     TemperatureFit,
@@ -154,6 +155,7 @@ class RoutedEnsemble(LightningModule):
         self.save_hyperparameters()
         router = Router.from_dir(clustering_dir)
         self.n_experts = router.n_experts
+        self.clustering_fingerprint = router.fingerprint
         self.available_ids = [k for k, path in enumerate(checkpoints) if _checkpoint_exists(path)]
         self.missing_ids = [k for k in range(len(checkpoints)) if k not in self.available_ids]
         problems = self._validate_options(router)
@@ -212,6 +214,17 @@ class RoutedEnsemble(LightningModule):
     # ------------------------------------------------------------------------------------------
     # Model construction
     # ------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Check that the evaluation splits were routed by ``clustering_dir``. Runs on every rank.
+
+        The routes are read from the split, so a split made with another clustering of the same K
+        would send questions to experts trained on other clusters without any other sign.
+        """
+        datamodule = self.trainer.datamodule
+        for split_dir in (getattr(datamodule, "eval_dir", None), self.hparams.fit_dir):
+            if split_dir is not None:
+                check_split_clustering(split_dir, self.clustering_fingerprint, self.hparams.clustering_dir)
 
     def configure_model(self) -> None:
         """Load the available experts (every rank loads all of them). Idempotent."""
@@ -554,6 +567,31 @@ class RoutedEnsemble(LightningModule):
         dataset = EvalShardDataset(self.hparams.fit_dir, EvalSampleEncoder(encoder, self.n_experts))
         batch_size = getattr(datamodule, "batch_size", 8)
         return dataset.dataloader(batch_size, num_workers=0, pad_token_id=processor.tokenizer.pad_token_id)
+
+
+def check_split_clustering(split_dir: str | Path, fingerprint: str, clustering_dir: str) -> None:
+    """Raise when the split at ``split_dir`` was routed by a clustering other than ``clustering_dir``.
+
+    Compares the ``clustering_fingerprint`` that `split_dataset.py` records in the manifest with the
+    fingerprint of the router loaded from ``clustering_dir``. A manifest without one (an older split)
+    is accepted with a warning, because its routes cannot be checked.
+    """
+    manifest = load_manifest(split_dir)
+    recorded = manifest.get("clustering_fingerprint")
+    if recorded is None:
+        rank_zero_warn(
+            f"{split_dir}/manifest.json records no clustering fingerprint, so its routes cannot be checked "
+            f"against {clustering_dir}. HINT: re-run clustering/split_dataset.py to record one."
+        )
+        return
+    if recorded != fingerprint:
+        used = manifest.get("arguments", {}).get("clustering_results_dir", "unknown")
+        raise ValueError(
+            f"{split_dir} was routed by another clustering ({used}, fingerprint {recorded}) than clustering_dir "
+            f"{clustering_dir} (fingerprint {fingerprint}), so its questions would reach experts trained on other "
+            f"clusters. HINT: split the evaluation set with --clustering-results-dir {clustering_dir}, the "
+            "clustering the experts were trained on."
+        )
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

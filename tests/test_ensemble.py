@@ -425,6 +425,23 @@ def test_eval_datamodule_split_and_fit_dir(experts: RoutedExperts, tmp_path: Pat
     }
 
 
+def test_rejects_split_of_other_clustering(experts: RoutedExperts, tmp_path: Path) -> None:
+    eval_dir = make_eval_split(experts, ROUTES[:2], tmp_path / "eval")
+    # Same K, centroids swapped: every route of the split would now be the other expert.
+    other = tmp_path / "other-clusters"
+    other.mkdir()
+    np.save(other / "clustering_centroids.npy", experts.centroids[::-1].copy())
+    np.save(other / "clustering_assignments.npy", np.array([0, 1], dtype=np.int64))
+    datamodule = EvalDataModule(
+        eval_dir=str(eval_dir), processor=str(experts.processor_dir), batch_size=2, num_workers=0, max_length=256
+    )
+    ensemble = RoutedEnsemble([str(p) for p in experts.checkpoints], str(other))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    with pytest.raises(ValueError, match="was routed by another clustering"):
+        trainer.validate(ensemble, datamodule=datamodule)
+
+
 def test_test_rejects_fit_on_test_questions(experts: RoutedExperts, tmp_path: Path) -> None:
     # EvalDataModule serves one split for validation and test, so fitting on it would leak.
     eval_dir = make_eval_split(experts, ROUTES[:2], tmp_path / "eval")
