@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,18 +48,16 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from clustering.features import (  # noqa: E402
+from clustering.features import (
     DEFAULT_CLIP_MODEL,
+    check_model_source,
     encode_pixel_values,
     load_clip_image_encoder,
     preprocess_images,
     resolve_device,
 )
-from datamodules.images import decode_rgb  # noqa: E402
-from datamodules.sources import REASON_BLANK, DatasetEntry, iter_raw_records  # noqa: E402
+from datamodules.images import decode_rgb
+from datamodules.sources import REASON_BLANK, DatasetEntry, iter_raw_records
 
 log = logging.getLogger("clustering.extract_features")
 
@@ -497,6 +494,8 @@ def extract_features(args: argparse.Namespace) -> dict[str, Any]:
         units = [WorkUnit(index=i, shard=url) for i, url in enumerate(urls)]
         total_images = None
 
+    # Before the plan is written, so that a mistyped --clip-model does not block the corrected re-run.
+    check_model_source(args.clip_model)
     chunks_dir = _prepare_output_dir(output_dir, _plan(args, units), args.overwrite)
     pending = [unit for unit in units if not _chunk_is_complete(chunks_dir, unit.index)]
     reused = len(units) - len(pending)

@@ -31,6 +31,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_model_source(name_or_path: str | Path) -> None:
+    """Raise `FileNotFoundError` when ``name_or_path`` is written as a local path that does not exist.
+
+    A Hugging Face id has at most one "/" and no leading "/", "." or "~"; anything else is a path.
+    Without this check transformers reports a missing directory as an invalid repo id.
+    """
+    text = str(name_or_path)
+    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or isinstance(name_or_path, Path)
+    if looks_local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(
+            f"CLIP model directory {text} not found. HINT: pass an existing directory (a saved CLIPModel or "
+            f"CLIPVisionModelWithProjection) or a Hugging Face id such as {DEFAULT_CLIP_MODEL!r}."
+        )
+
+
 def load_clip_image_encoder(
     name_or_path: str | Path = DEFAULT_CLIP_MODEL,
     device: str | torch.device | None = None,
@@ -51,6 +66,7 @@ def load_clip_image_encoder(
         OSError: the id or directory could not be loaded (for example no network and no local copy).
         ValueError: the checkpoint is not a CLIP model, or it lacks image-tower weights.
     """
+    check_model_source(name_or_path)
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from clustering import results  # noqa: E402
-from clustering.kmeans import balanced_spherical_kmeans, check_cluster_count  # noqa: E402
-from clustering.router import ASSIGNMENTS, CENTROIDS, GLOBAL_MEAN  # noqa: E402
+from clustering import results
+from clustering.kmeans import balanced_spherical_kmeans, check_cluster_count
+from clustering.router import ASSIGNMENTS, CENTROIDS, GLOBAL_MEAN
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +27,9 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from clustering import results  # noqa: E402
-from clustering.kmeans import two_stage_kmeans  # noqa: E402
-from clustering.router import (  # noqa: E402
+from clustering import results
+from clustering.kmeans import two_stage_kmeans
+from clustering.router import (
     COARSE_CENTROIDS,
     FINE_ASSIGNMENTS,
     FINE_CENTROIDS,

@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -36,10 +35,7 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-if __package__ in (None, ""):  # run as `python lightning_modules/convert_checkpoint.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lightning_modules.presets import (  # noqa: E402
+from lightning_modules.presets import (
     CHAT_TEMPLATE,
     IMG_CONTEXT,
     INTERNVL_TOKEN_ATTRIBUTES,

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as `python lightning_modules/export.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lightning_modules.internvl_module import InternVLExpert  # noqa: E402
+from lightning_modules.internvl_module import InternVLExpert
 
 log = logging.getLogger(__name__)
 

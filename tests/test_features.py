@@ -106,7 +106,7 @@ def test_encoder_rejects_non_clip(tmp_path: Path, tiny_clip_dir: Path) -> None:
     CLIPImageProcessor.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="BertConfig checkpoint, not CLIP"):
         load_clip_image_encoder(tmp_path, device="cpu")
-    with pytest.raises(OSError, match="HINT: pass a local directory"):
+    with pytest.raises(FileNotFoundError, match="absent not found. HINT: pass an existing directory"):
         load_clip_image_encoder(tmp_path / "absent", device="cpu")
 
 
@@ -187,6 +187,18 @@ def test_extract_resumes_from_chunks(tmp_path: Path, tiny_clip_dir: Path, jsonl_
     third = extract_features.main([*changed, "--overwrite"])
     assert third["chunks"] == 4
     np.testing.assert_allclose(np.load(out / "features.npy"), features, atol=1e-6)
+
+
+def test_missing_clip_dir_blocks_no_rerun(tmp_path: Path, tiny_clip_dir: Path, jsonl_dataset) -> None:
+    jsonl, images_dir, _ = jsonl_dataset
+    out = tmp_path / "features"
+    args = ["--input-jsonl", str(jsonl), "--images-dir", str(images_dir), "--output-dir", str(out), "--num-workers", "0"]
+    with pytest.raises(FileNotFoundError, match=r"CLIP model directory .*no-such-clip not found"):
+        extract_features.main([*args, "--clip-model", str(tmp_path / "no-such-clip")])
+
+    # Nothing of the failed run is left to refuse the corrected one.
+    metadata = extract_features.main([*args, "--clip-model", str(tiny_clip_dir)])
+    assert metadata["chunks_reused"] == 0
 
 
 def test_extract_rejects_non_empty_dir(tmp_path: Path, tiny_clip_dir: Path, jsonl_dataset) -> None:
