@@ -803,7 +803,8 @@ def collect_results(
 
     def spread(key: str) -> dict[str, float]:
         values = np.array([per_seed[s][key] for s in per_seed], dtype=np.float64)
-        return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        # One seed has no sample standard deviation: null in results.json, left out of the table.
+        return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
 
     train_manifest = json.loads((paths.shards_train / "manifest.json").read_text())
     test_manifest = json.loads((paths.shards_test / "manifest.json").read_text())
@@ -868,6 +869,12 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+
+def _format_spread(entry: dict[str, float | None]) -> str:
+    """Format a gap in accuracy points, with its standard deviation when there are several seeds."""
+    text = f"{100 * entry['mean']:+.1f}"
+    return text if entry["std"] is None else f"{text} (std {100 * entry['std']:.1f})"
+
 def format_results(results: dict[str, Any]) -> str:
     """Render the results dict as the markdown page `results.md`."""
     lines = [
@@ -911,12 +918,9 @@ def format_results(results: dict[str, Any]) -> str:
         "",
         f"Gaps in accuracy points over {n_seeds} training seed(s) ({spread_note}):",
         "",
-        f"- top-1 ensemble minus dense: {100 * summary['gap_top1_minus_dense']['mean']:+.1f} "
-        f"(std {100 * summary['gap_top1_minus_dense']['std']:.1f})",
-        f"- soft ensemble minus dense: {100 * summary['gap_soft_minus_dense']['mean']:+.1f} "
-        f"(std {100 * summary['gap_soft_minus_dense']['std']:.1f})",
-        f"- dense minus majority answer: {100 * summary['dense_minus_majority']['mean']:+.1f} "
-        f"(std {100 * summary['dense_minus_majority']['std']:.1f})",
+        f"- top-1 ensemble minus dense: {_format_spread(summary['gap_top1_minus_dense'])}",
+        f"- soft ensemble minus dense: {_format_spread(summary['gap_soft_minus_dense'])}",
+        f"- dense minus majority answer: {_format_spread(summary['dense_minus_majority'])}",
         "",
         "## Clusters",
         "",
