@@ -104,24 +104,7 @@ def prepare(directory: Path, records: int) -> tuple[Any, Path, Path]:
         directory / "data", n_records=records, n_experts=1, image_size=448, image_format="jpeg"
     )
     split_dir = directory / "split"
-    split_dataset.main(
-        [
-            "--input-jsonl",
-            str(data.jsonl),
-            "--images-dir",
-            str(data.images_dir),
-            "--clustering-results-dir",
-            str(data.clustering_dir),
-            "--output-dir",
-            str(split_dir),
-            "--features",
-            str(data.features),
-            "--keys",
-            str(data.keys),
-            "--shard-max-count",
-            "64",
-        ]
-    )
+    split_dataset.main(data.split_arguments(split_dir, "--shard-max-count", "64"))
     lines = data.jsonl.read_text().splitlines()
     texts = [turn["value"] for line in lines for turn in json.loads(line)["conversations"]]
     processor_dir = directory / "processor"

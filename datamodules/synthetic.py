@@ -31,6 +31,19 @@ class SyntheticDataset:
     clustering_dir: Path
     planted_experts: list[int]
 
+    def split_arguments(self, output_dir: str | Path, *extra: str) -> list[str]:
+        """Return `clustering/split_dataset.py` arguments that split this dataset into ``output_dir``
+        with its precomputed features, followed by ``extra``."""
+        return [
+            "--input-jsonl", str(self.jsonl),
+            "--images-dir", str(self.images_dir),
+            "--clustering-results-dir", str(self.clustering_dir),
+            "--output-dir", str(output_dir),
+            "--features", str(self.features),
+            "--keys", str(self.keys),
+            *extra,
+        ]  # fmt: skip
+
 
 def make_image(rng: np.random.Generator, size: int) -> Image.Image:
     """Return a size x size RGB image: smooth colour fields plus mild noise, like a photo's statistics."""

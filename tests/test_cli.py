@@ -26,17 +26,7 @@ def synthetic_split(tmp_path_factory) -> Path:
     """A 2-expert split of 20 synthetic records (10 per expert), as split_dataset.py writes it."""
     root = tmp_path_factory.mktemp("cli_data")
     data = write_synthetic_dataset(root / "data", n_records=20, n_experts=2, max_turns=1)
-    split_dataset.main(
-        [
-            "--input-jsonl", str(data.jsonl),
-            "--images-dir", str(data.images_dir),
-            "--clustering-results-dir", str(data.clustering_dir),
-            "--output-dir", str(root / "split"),
-            "--features", str(data.features),
-            "--keys", str(data.keys),
-            "--shard-max-count", "4",
-        ]
-    )  # fmt: skip
+    split_dataset.main(data.split_arguments(root / "split", "--shard-max-count", "4"))
     return root / "split"
 
 

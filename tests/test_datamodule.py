@@ -47,23 +47,7 @@ def processor(processor_dir: Path):
 
 
 def _split(data, output_dir: Path, *extra: str) -> dict:
-    return split_dataset.main(
-        [
-            "--input-jsonl",
-            str(data.jsonl),
-            "--images-dir",
-            str(data.images_dir),
-            "--clustering-results-dir",
-            str(data.clustering_dir),
-            "--output-dir",
-            str(output_dir),
-            "--features",
-            str(data.features),
-            "--keys",
-            str(data.keys),
-            *extra,
-        ]
-    )
+    return split_dataset.main(data.split_arguments(output_dir, *extra))
 
 
 CONVERSATION = [

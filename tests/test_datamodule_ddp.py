@@ -46,24 +46,7 @@ def test_ddp_ranks_get_equal_batch_counts(tmp_path: Path) -> None:
         [t["value"] for _ in range(50) for t in make_conversation(rng, 3)], tmp_path / "processor"
     )
     data = write_synthetic_dataset(tmp_path / "data", n_records=13, n_experts=1)
-    split_dataset.main(
-        [
-            "--input-jsonl",
-            str(data.jsonl),
-            "--images-dir",
-            str(data.images_dir),
-            "--clustering-results-dir",
-            str(data.clustering_dir),
-            "--output-dir",
-            str(tmp_path / "split"),
-            "--features",
-            str(data.features),
-            "--keys",
-            str(data.keys),
-            "--shard-max-count",
-            "3",
-        ]
-    )
+    split_dataset.main(data.split_arguments(tmp_path / "split", "--shard-max-count", "3"))
     module = ExpertDataModule(
         train_dir=str(tmp_path / "split"),
         processor=str(tmp_path / "processor"),

@@ -29,24 +29,6 @@ from datamodules.synthetic import write_synthetic_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _split_args(data, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--input-jsonl",
-        str(data.jsonl),
-        "--images-dir",
-        str(data.images_dir),
-        "--clustering-results-dir",
-        str(data.clustering_dir),
-        "--output-dir",
-        str(output_dir),
-        "--features",
-        str(data.features),
-        "--keys",
-        str(data.keys),
-        *extra,
-    ]
-
-
 def _read_shards(split_dir: Path, expert: int) -> list[dict]:
     manifest = json.loads((split_dir / MANIFEST).read_text())
     urls = [str(split_dir / shard["path"]) for shard in manifest["experts"][expert]["shards"]]
@@ -98,7 +80,7 @@ def faulty_data(tmp_path: Path):
 def test_manifest_accounts_for_every_line(faulty_data, tmp_path: Path, capsys) -> None:
     out = tmp_path / "split"
     manifest = split_dataset.main(
-        _split_args(faulty_data, out, "--on-error", "skip", "--shard-max-count", "4")
+        faulty_data.split_arguments(out, "--on-error", "skip", "--shard-max-count", "4")
     )
     n_lines = len(faulty_data.jsonl.read_text().splitlines())
 
@@ -145,7 +127,7 @@ def test_on_error_fail_names_the_line(faulty_data, tmp_path: Path) -> None:
 
 def test_cli_exits_with_line_number(faulty_data, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        split_dataset.main(_split_args(faulty_data, tmp_path / "split"))
+        split_dataset.main(faulty_data.split_arguments(tmp_path / "split"))
 
     assert exit_info.value.code == 2
     assert "line 13" in capsys.readouterr().err
@@ -154,7 +136,7 @@ def test_cli_exits_with_line_number(faulty_data, tmp_path: Path, capsys) -> None
 def test_shards_round_trip_every_field(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "data", n_records=10, n_experts=2)
     out = tmp_path / "split"
-    manifest = split_dataset.main(_split_args(data, out, "--shard-max-count", "3"))
+    manifest = split_dataset.main(data.split_arguments(out, "--shard-max-count", "3"))
     source_lines = data.jsonl.read_text().splitlines()
     features = np.load(data.features)
     routes = Router.from_dir(data.clustering_dir).route(features)
@@ -185,8 +167,8 @@ def test_shards_round_trip_every_field(tmp_path: Path) -> None:
 def test_same_inputs_give_identical_shards(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "data", n_records=9, n_experts=3)
     first, second = tmp_path / "first", tmp_path / "second"
-    split_dataset.main(_split_args(data, first, "--shard-max-count", "2"))
-    split_dataset.main(_split_args(data, second, "--shard-max-count", "2"))
+    split_dataset.main(data.split_arguments(first, "--shard-max-count", "2"))
+    split_dataset.main(data.split_arguments(second, "--shard-max-count", "2"))
 
     def digests(root: Path) -> dict[str, str]:
         return {
@@ -201,13 +183,13 @@ def test_same_inputs_give_identical_shards(tmp_path: Path) -> None:
 def test_existing_split_needs_overwrite(tmp_path: Path, capsys) -> None:
     data = write_synthetic_dataset(tmp_path / "data", n_records=4)
     out = tmp_path / "split"
-    split_dataset.main(_split_args(data, out))
+    split_dataset.main(data.split_arguments(out))
 
     with pytest.raises(SystemExit):
-        split_dataset.main(_split_args(data, out))
+        split_dataset.main(data.split_arguments(out))
     assert "--overwrite" in capsys.readouterr().err
 
-    manifest = split_dataset.main(_split_args(data, out, "--overwrite"))
+    manifest = split_dataset.main(data.split_arguments(out, "--overwrite"))
     assert manifest["written"] == 4
 
 
@@ -232,7 +214,7 @@ def test_killed_run_leaves_no_finished_looking_partial_shard(tmp_path: Path) -> 
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self, obj)
         webdataset.TarWriter.write = write
-        split_dataset.main({_split_args(data, out, "--shard-max-count", "3")!r})
+        split_dataset.main({data.split_arguments(out, "--shard-max-count", "3")!r})
         """
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
@@ -257,7 +239,7 @@ def test_text_only_records_go_to_fixed_expert(tmp_path: Path) -> None:
     _append_lines(data.jsonl, [json.dumps(text_only)])
     out = tmp_path / "split"
 
-    manifest = split_dataset.main(_split_args(data, out, "--text-only", "1"))
+    manifest = split_dataset.main(data.split_arguments(out, "--text-only", "1"))
 
     assert manifest["text_only_records"] == 1
     assert manifest["skipped"] == []
@@ -283,7 +265,7 @@ def test_multi_image_record_routes_by_first_image(tmp_path: Path) -> None:
     _append_lines(data.jsonl, [json.dumps(record)])
     out = tmp_path / "split"
 
-    split_dataset.main(_split_args(data, out))
+    split_dataset.main(data.split_arguments(out))
 
     pairs = [s for s in _read_shards(out, 1) if json.loads(s["json"])["id"] == "pair"]
     assert len(pairs) == 1
@@ -301,7 +283,7 @@ def test_placeholder_mismatch_is_skipped(tmp_path: Path) -> None:
     }
     _append_lines(data.jsonl, [json.dumps(record)])
 
-    manifest = split_dataset.main(_split_args(data, tmp_path / "split", "--on-error", "skip"))
+    manifest = split_dataset.main(data.split_arguments(tmp_path / "split", "--on-error", "skip"))
 
     assert manifest["skipped"][0]["line"] == 3
     assert manifest["skipped"][0]["reason"] == "image placeholder count"
@@ -314,7 +296,7 @@ def test_missing_placeholder_is_prepended(tmp_path: Path) -> None:
     data.jsonl.write_text(json.dumps(record) + "\n")
     out = tmp_path / "split"
 
-    split_dataset.main(_split_args(data, out))
+    split_dataset.main(data.split_arguments(out))
 
     stored = json.loads(_read_shards(out, 0)[0]["json"])
     assert stored["conversations"][0]["value"].startswith("<image>\n")
@@ -327,7 +309,7 @@ def test_llava_json_input(tmp_path: Path) -> None:
     records[2]["conversations"][1]["from"] = "assistant"
     llava = tmp_path / "data" / "llava.json"
     llava.write_text(json.dumps(records))
-    args = _split_args(data, tmp_path / "split")
+    args = data.split_arguments(tmp_path / "split")
     args[1] = str(llava)
 
     manifest = split_dataset.main(args)
@@ -415,7 +397,7 @@ def test_clip_model_path_matches_router(tmp_path: Path, tiny_clip_dir: Path) -> 
 
     data = write_synthetic_dataset(tmp_path / "data", n_records=6, n_experts=2, feature_dim=16)
     out = tmp_path / "split"
-    args = _split_args(data, out)[:8] + ["--clip-model", str(tiny_clip_dir)]
+    args = data.split_arguments(out)[:8] + ["--clip-model", str(tiny_clip_dir)]
 
     manifest = split_dataset.main(args)
 
