@@ -22,21 +22,27 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+# Run as a script, this folder comes first on sys.path and its clustering.py would shadow the
+# clustering package, so the repository root goes in front of it.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clustering import split_dataset
-from datamodules.chat import ConversationEncoder
-from datamodules.collate import TrainCollator, TrainSampleEncoder
-from datamodules.images import member_suffix
-from datamodules.splits import load_processor
-from datamodules.synthetic import write_synthetic_dataset
-from datamodules.training import ExpertDataModule
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from clustering import split_dataset  # noqa: E402
+from datamodules.chat import ConversationEncoder  # noqa: E402
+from datamodules.collate import TrainCollator, TrainSampleEncoder  # noqa: E402
+from datamodules.images import member_suffix  # noqa: E402
+from datamodules.splits import load_processor  # noqa: E402
+from datamodules.synthetic import write_synthetic_dataset  # noqa: E402
+from datamodules.training import ExpertDataModule  # noqa: E402
 
 PRESET = "internvl2_5-1b"  # 448 px tiles, 256 image tokens per tile
 
